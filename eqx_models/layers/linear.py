@@ -1,0 +1,63 @@
+"""Dense projection with MaxText's DenseGeneral semantics."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+from jaxtyping import Array, Float, PRNGKeyArray
+
+
+def _as_tuple(features: int | tuple[int, ...]) -> tuple[int, ...]:
+    features = (features,) if isinstance(features, int) else tuple(features)
+    if not features or any(not isinstance(f, int) or f <= 0 for f in features):
+        raise ValueError(f"feature sizes must be positive ints, got {features}")
+    return features
+
+
+class Linear(eqx.Module):
+    """`y = x . kernel (+ bias)`, contracting the trailing `in_features` axes of `x`.
+
+    `in_features` and `out_features` are an int or a tuple of ints, so one layer can map `[..., embed]` to
+    `[..., heads, head_dim]` or back. The kernel is stored `(*in_features, *out_features)` in `param_dtype`;
+    the product runs in `dtype`.
+    """
+
+    kernel: Float[Array, "..."]
+    bias: Float[Array, "..."] | None
+    in_features: tuple[int, ...] = eqx.field(static=True)
+    out_features: tuple[int, ...] = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_features: int | tuple[int, ...],
+        out_features: int | tuple[int, ...],
+        *,
+        use_bias: bool = False,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        key: PRNGKeyArray,
+    ):
+        self.in_features = _as_tuple(in_features)
+        self.out_features = _as_tuple(out_features)
+        self.dtype = jnp.dtype(dtype)
+        # MaxText's default: truncated normal, variance 1/fan_in.
+        std = 1.0 / math.sqrt(math.prod(self.in_features))
+        shape = self.in_features + self.out_features
+        self.kernel = (std / 0.87962566) * jax.random.truncated_normal(key, -2.0, 2.0, shape, param_dtype)
+        self.bias = jnp.zeros(self.out_features, param_dtype) if use_bias else None
+
+    def __call__(self, x: Float[Array, "*batch"]) -> Float[Array, "*batch_out"]:
+        """`x`: `[..., *in_features]` -> `[..., *out_features]`."""
+        n_in = len(self.in_features)
+        if x.shape[x.ndim - n_in :] != self.in_features:
+            raise ValueError(f"Linear expects trailing dims {self.in_features}, got input shape {x.shape}")
+        x_axes = tuple(range(x.ndim - n_in, x.ndim))
+        y = jax.lax.dot_general(
+            x.astype(self.dtype), self.kernel.astype(self.dtype), ((x_axes, tuple(range(n_in))), ((), ()))
+        )
+        if self.bias is not None:
+            y = y + self.bias.astype(self.dtype)
+        return y
