@@ -1,0 +1,164 @@
+"""The generic decoder stack: token embedding -> scanned layers -> final norm -> logits.
+
+Layers are stored stacked: the layer kinds are grouped into the shortest repeating pattern (period `p`); position
+`b` of the pattern is one module whose every leaf has a leading axis of `num_layers / p` repeats, and one
+`jax.lax.scan` applies the pattern that many times, so compile time stays flat in depth. A homogeneous model has
+`p = 1`; Qwen3-Next's `[linear, linear, linear, full]` has `p = 4`.
+
+A decoder layer is any module called as
+`layer(x, positions=, segment_ids=, cache=, key=, inference=) -> (x, cache, stats)`, where `stats` is an
+additive pytree (e.g. MoE router statistics) or None.
+"""
+
+from collections.abc import Callable, Hashable, Sequence
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported for layers)
+from jaxtyping import Array, Float, Int, PRNGKeyArray, Real
+
+from eqx_models.layers.embeddings import Embed
+from eqx_models.layers.linear import Linear
+from eqx_models.layers.norms import RMSNorm
+
+_SAVED_NAMES = {
+    "minimal": ("query_proj", "key_proj", "value_proj", "qkv_proj", "out_proj", "mlpwi", "mlpwo"),
+    "minimal_with_context": ("query_proj", "key_proj", "value_proj", "qkv_proj", "out_proj", "mlpwi", "mlpwo",
+                             "context"),
+    "save_dot_except_mlp": ("query_proj", "key_proj", "value_proj", "qkv_proj", "out_proj"),
+    "save_qkv_proj": ("query_proj", "key_proj", "value_proj", "qkv_proj"),
+}
+
+
+def remat(fn: Callable, policy: str) -> Callable:
+    """`fn` under `jax.checkpoint` with a named policy: `none` (no remat: keep every activation), `full` (keep
+    only the layer inputs), or one that also keeps the named projections (`minimal`, `minimal_with_context`,
+    `save_dot_except_mlp`, `save_qkv_proj`, as in MaxText)."""
+    if policy == "none":
+        return fn
+    if policy == "full":
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.nothing_saveable)
+    if policy in _SAVED_NAMES:
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.save_only_these_names(*_SAVED_NAMES[policy]))
+    raise ValueError(f"unknown remat policy {policy!r}; choose none, full or one of {sorted(_SAVED_NAMES)}")
+
+
+def repeating_pattern(kinds: Sequence[Hashable]) -> int:
+    """The shortest period `p` dividing `len(kinds)` with `kinds[i] == kinds[i % p]`."""
+    n = len(kinds)
+    for period in range(1, n + 1):
+        if n % period == 0 and all(kinds[i] == kinds[i % period] for i in range(n)):
+            return period
+    raise AssertionError("unreachable")
+
+
+def stack_layers(make_layer: Callable[[int, PRNGKeyArray], eqx.Module], kinds: Sequence[Hashable], *,
+                 key: PRNGKeyArray) -> tuple[eqx.Module, ...]:
+    """One stacked module per pattern position, built with `filter_vmap` so layer `r * p + b` is slice `r` of
+    block `b` and initialised with its own key."""
+    period = repeating_pattern(kinds)
+    repeats = len(kinds) // period
+    keys = jax.random.split(key, len(kinds)).reshape(repeats, period)
+    return tuple(
+        eqx.filter_vmap(lambda k, b=b: make_layer(b, k))(keys[:, b]) for b in range(period)
+    )
+
+
+class TransformerOutput(NamedTuple):
+    hidden: Float[Array, "batch seq embed"]  # after the final norm
+    cache: Any  # per-block stacked caches, or None
+    stats: Any  # per-block layer statistics summed over layers, or None
+
+
+class Transformer(eqx.Module):
+    """Decoder-only stack. `blocks[b]` holds pattern position `b` for every repeat (leading axis on each leaf).
+
+    Logits are float32: `embed.attend` when `lm_head` is None (tied), else `lm_head`; an optional final
+    soft cap `tanh(logits / cap) * cap` follows.
+    """
+
+    embed: Embed
+    blocks: tuple[eqx.Module, ...]
+    norm: eqx.Module
+    lm_head: Linear | None
+    remat_policy: str = eqx.field(static=True)
+    final_logits_soft_cap: float | None = eqx.field(static=True)
+
+    def __init__(self, embed: Embed, blocks: tuple[eqx.Module, ...], norm: eqx.Module, lm_head: Linear | None, *,
+                 remat_policy: str = "none", final_logits_soft_cap: float | None = None):
+        remat(lambda x: x, remat_policy)
+        self.embed, self.blocks, self.norm, self.lm_head = embed, tuple(blocks), norm, lm_head
+        self.remat_policy, self.final_logits_soft_cap = remat_policy, final_logits_soft_cap
+
+    @property
+    def num_repeats(self) -> int:
+        return jax.tree.leaves(self.blocks[0])[0].shape[0]
+
+    @property
+    def num_layers(self) -> int:
+        return self.num_repeats * len(self.blocks)
+
+    def layer(self, index: int) -> eqx.Module:
+        """Layer `index` as an unstacked module (for inspection and tests)."""
+        repeat, position = divmod(index, len(self.blocks))
+        return jax.tree.map(lambda leaf: leaf[repeat] if eqx.is_array(leaf) else leaf, self.blocks[position])
+
+    def forward(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        positions: Real[Array, "batch seq"] | Real[Array, "batch seq 3"] | None = None,
+        segment_ids: Int[Array, "batch seq"] | None = None,
+        *,
+        cache: Any = None,
+        inputs_embeds: Float[Array, "batch seq embed"] | None = None,
+        key: PRNGKeyArray | None = None,
+        inference: bool = True,
+    ) -> TransformerOutput:
+        """Hidden states after the final norm, the updated cache and the summed layer statistics."""
+        hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
+        if input_ids.ndim != 2 or hidden.shape[:2] != input_ids.shape:
+            raise ValueError(f"input_ids must be [batch, seq], got {input_ids.shape}")
+        if segment_ids is not None and segment_ids.shape != input_ids.shape:
+            raise ValueError(f"segment_ids {segment_ids.shape} must match input_ids {input_ids.shape}")
+        period, repeats = len(self.blocks), self.num_repeats
+        dynamic, static = eqx.partition(self.blocks, eqx.is_array)
+        keys = None if key is None else jax.random.split(key, (repeats, period))
+
+        def step(h, xs):
+            block_params, block_cache, block_keys = xs
+            layers = eqx.combine(block_params, static)
+            new_caches, stats = [], []
+            for b, layer in enumerate(layers):
+                layer_cache = None if block_cache is None else block_cache[b]
+                layer_key = None if block_keys is None else block_keys[b]
+                h, layer_cache, layer_stats = layer(
+                    h, positions=positions, segment_ids=segment_ids, cache=layer_cache, key=layer_key,
+                    inference=inference,
+                )
+                new_caches.append(layer_cache)
+                stats.append(layer_stats)
+            return h, (None if block_cache is None else tuple(new_caches), tuple(stats))
+
+        hidden, (cache, stats) = jax.lax.scan(remat(step, self.remat_policy), hidden, (dynamic, cache, keys))
+        stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+        return TransformerOutput(self.norm(hidden), cache, stats)
+
+    def logits(self, hidden: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:
+        """Float32 logits of final-normed hidden states."""
+        if self.lm_head is None:
+            logits = self.embed.attend(hidden)
+        else:
+            logits = self.lm_head(hidden).astype(jnp.float32)
+        if self.final_logits_soft_cap is not None:
+            logits = jnp.tanh(logits / self.final_logits_soft_cap) * self.final_logits_soft_cap
+        return logits
+
+    def __call__(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        positions: Real[Array, "batch seq"] | Real[Array, "batch seq 3"] | None = None,
+        segment_ids: Int[Array, "batch seq"] | None = None,
+    ) -> Float[Array, "batch seq vocab"]:
+        return self.logits(self.forward(input_ids, positions, segment_ids).hidden)
