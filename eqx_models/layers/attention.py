@@ -12,6 +12,7 @@ from typing import Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
@@ -400,14 +401,14 @@ class Attention(eqx.Module):
                Float[Array, "batch seq kv_heads head_dim"], Float[Array, "batch seq heads head_dim"] | None]:
         """`(query, key, value, gate)` straight out of the projections (gate only with `output_gate`)."""
         if self.qkv is not None:
-            qkv = self.qkv(x)
+            qkv = checkpoint_name(self.qkv(x), "qkv_proj")
             nq, nkv = self.num_query_heads, self.num_kv_heads
             return qkv[:, :, :nq], qkv[:, :, nq : nq + nkv], qkv[:, :, nq + nkv :], None
-        query, gate = self.query(x), None
+        query, gate = checkpoint_name(self.query(x), "query_proj"), None
         if self.output_gate:
             query, gate = query[..., : self.head_dim], query[..., self.head_dim :]
-        key = self.key(x)
-        value = key if self.value is None else self.value(x)
+        key = checkpoint_name(self.key(x), "key_proj")
+        value = key if self.value is None else checkpoint_name(self.value(x), "value_proj")
         return query, key, value, gate
 
     def __call__(
@@ -483,6 +484,7 @@ class Attention(eqx.Module):
                 sinks=self.sinks, float32_qk_product=self.float32_qk_product,
                 dropout_rate=self.dropout_rate if dropout else 0.0, dropout_key=key,
             )
+        attended = checkpoint_name(attended, "context")
         if gate is not None:
             attended = attended * jax.nn.sigmoid(gate)
-        return self.out(attended), cache
+        return checkpoint_name(self.out(attended), "out_proj"), cache

@@ -5,6 +5,7 @@ from collections.abc import Callable, Sequence
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
@@ -65,8 +66,8 @@ class MLP(eqx.Module):
         self.wo = Linear(hidden_features, out_features or in_features, key=k_out, **common)
 
     def __call__(self, x: Float[Array, "*batch embed"]) -> Float[Array, "*batch out"]:
-        h = self.wi(x)
+        h = checkpoint_name(self.wi(x), "mlpwi")
         y = get_activation(self.activations[0])(h[..., 0, :])
         for i, name in enumerate(self.activations[1:], start=1):
             y = y * get_activation(name)(h[..., i, :])
-        return self.wo(y)
+        return checkpoint_name(self.wo(y), "mlpwo")

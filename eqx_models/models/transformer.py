@@ -16,7 +16,6 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.ad_checkpoint import checkpoint_name  # noqa: F401  (re-exported for layers)
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Real
 
 from eqx_models.layers.embeddings import Embed
