@@ -12,7 +12,8 @@ from typing import Any, ClassVar
 
 REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn")
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "moe_impl", "moe_capacity_factor")
+_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "moe_impl", "moe_capacity_factor",
+                   "mtp_num_layers", "mtp_loss_scaling_factor")
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -54,6 +55,8 @@ class Qwen3Config:
     param_dtype: str = "float32"
     remat_policy: str = "none"
     attention_kernel: str = "auto"
+    mtp_num_layers: int = 0  # multi-token prediction depths (training side-car; not in HF checkpoints)
+    mtp_loss_scaling_factor: float = 0.1
 
     def __post_init__(self):
         _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
@@ -76,6 +79,8 @@ class Qwen3Config:
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling, rope_type=rope_type))
         if self.use_sliding_window and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(f"use_sliding_window needs sliding_window >= 1, got {self.sliding_window}")
+        if not isinstance(self.mtp_num_layers, int) or self.mtp_num_layers < 0:
+            raise ValueError(f"mtp_num_layers must be a non-negative int, got {self.mtp_num_layers!r}")
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
         if self.attention_kernel not in ("auto", "dot_product", "cudnn"):

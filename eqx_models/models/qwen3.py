@@ -20,7 +20,7 @@ from eqx_models.layers.linear import Linear
 from eqx_models.layers.mlp import MLP
 from eqx_models.layers.moe import RoutedMoE, RouterStats, load_balancing_loss
 from eqx_models.layers.norms import RMSNorm
-from eqx_models.models.transformer import Transformer, TransformerOutput, stack_layers
+from eqx_models.models.transformer import MultiTokenPrediction, Transformer, TransformerOutput, stack_layers
 
 
 def rotary_from_config(cfg: Qwen3Config) -> eqx.Module:
@@ -206,11 +206,24 @@ def _build_transformer(cfg: Qwen3Config, key: PRNGKeyArray) -> Transformer:
 
     blocks = stack_layers(make_layer, kinds, key=k_layers)
     lm_head = None if cfg.tie_word_embeddings else Linear(cfg.hidden_size, cfg.vocab_size, key=k_head, **dtypes)
+    mtp = None
+    if cfg.mtp_num_layers:
+        mtp_keys = jax.random.split(jax.random.fold_in(key, 1), 2 * cfg.mtp_num_layers)
+        norm = lambda: RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **dtypes)  # noqa: E731
+        last = cfg.num_hidden_layers - 1
+        mtp = MultiTokenPrediction(
+            embedding_norms=tuple(norm() for _ in range(cfg.mtp_num_layers)),
+            hidden_norms=tuple(norm() for _ in range(cfg.mtp_num_layers)),
+            projections=tuple(Linear(2 * cfg.hidden_size, cfg.hidden_size, key=k, **dtypes)
+                              for k in mtp_keys[: cfg.mtp_num_layers]),
+            layers=tuple(make_layer(last, k) for k in mtp_keys[cfg.mtp_num_layers :]),
+        )
     return Transformer(
         Embed(cfg.vocab_size, cfg.hidden_size, key=k_embed, **dtypes),
         blocks,
         RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, **dtypes),
         lm_head,
+        mtp=mtp,
         remat_policy=cfg.remat_policy,
     )
 

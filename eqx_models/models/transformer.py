@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Float, Int, PRNGKeyArray, Real
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
 from eqx_models.layers.embeddings import Embed
 from eqx_models.layers.linear import Linear
@@ -69,6 +69,56 @@ class TransformerOutput(NamedTuple):
     hidden: Float[Array, "batch seq embed"]  # after the final norm
     cache: Any  # per-block stacked caches, or None
     stats: Any  # per-block layer statistics summed over layers, or None
+    mtp_hidden: tuple[Float[Array, "batch seq embed"], ...] = ()  # final-normed, depth 1..K (training only)
+
+
+def roll_and_mask_by_segment(
+    values: Int[Array, "batch seq"], valid: Bool[Array, "batch seq"], segment_ids: Int[Array, "batch seq"]
+) -> tuple[Int[Array, "batch seq"], Bool[Array, "batch seq"]]:
+    """Shifts `values` left by one token; a position stays valid only if it was and its successor belongs to
+    the same (non-padding) segment, so predictions never cross packed-sequence boundaries."""
+    rolled = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
+    same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    same = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
+    rolled_valid = jnp.concatenate([valid[:, 1:], jnp.zeros_like(valid[:, :1])], axis=1)
+    return rolled, rolled_valid & same
+
+
+class MultiTokenPrediction(eqx.Module):
+    """MaxText / DeepSeek-V3 multi-token prediction: depth `k` combines the embedding of token `t + k` with the
+    previous depth's hidden state at `t`, `h_k = layer_k(W_k [norm(e_(t+k)); norm(h_(k-1))])`, and is read out
+    by the shared final norm and head to predict token `t + k + 1`. Training-only: logits are unchanged."""
+
+    embedding_norms: tuple[RMSNorm, ...]
+    hidden_norms: tuple[RMSNorm, ...]
+    projections: tuple[Linear, ...]
+    layers: tuple[eqx.Module, ...]
+
+    def __call__(
+        self,
+        hidden: Float[Array, "batch seq embed"],
+        input_ids: Int[Array, "batch seq"],
+        positions: Array,
+        segment_ids: Int[Array, "batch seq"],
+        embed: Embed,
+        *,
+        key: PRNGKeyArray | None = None,
+        inference: bool = False,
+    ) -> tuple[Float[Array, "batch seq embed"], ...]:
+        """Pre-norm hidden states of depths 1..K."""
+        outputs = []
+        ids, valid = input_ids, segment_ids > 0
+        keys = [None] * len(self.layers) if key is None else list(jax.random.split(key, len(self.layers)))
+        for emb_norm, hid_norm, projection, layer, layer_key in zip(
+            self.embedding_norms, self.hidden_norms, self.projections, self.layers, keys
+        ):
+            ids, valid = roll_and_mask_by_segment(ids, valid, segment_ids)
+            positions = jnp.concatenate([positions[:, 1:], positions[:, -1:] + 1], axis=1)
+            combined = jnp.concatenate([emb_norm(embed(ids)), hid_norm(hidden)], axis=-1)
+            hidden, _, _ = layer(projection(combined), positions=positions, segment_ids=segment_ids, cache=None,
+                                 key=layer_key, inference=inference)
+            outputs.append(hidden)
+        return tuple(outputs)
 
 
 class Transformer(eqx.Module):
@@ -82,13 +132,15 @@ class Transformer(eqx.Module):
     blocks: tuple[eqx.Module, ...]
     norm: eqx.Module
     lm_head: Linear | None
+    mtp: MultiTokenPrediction | None
     remat_policy: str = eqx.field(static=True)
     final_logits_soft_cap: float | None = eqx.field(static=True)
 
     def __init__(self, embed: Embed, blocks: tuple[eqx.Module, ...], norm: eqx.Module, lm_head: Linear | None, *,
-                 remat_policy: str = "none", final_logits_soft_cap: float | None = None):
+                 mtp: MultiTokenPrediction | None = None, remat_policy: str = "none",
+                 final_logits_soft_cap: float | None = None):
         remat(lambda x: x, remat_policy)
-        self.embed, self.blocks, self.norm, self.lm_head = embed, tuple(blocks), norm, lm_head
+        self.embed, self.blocks, self.norm, self.lm_head, self.mtp = embed, tuple(blocks), norm, lm_head, mtp
         self.remat_policy, self.final_logits_soft_cap = remat_policy, final_logits_soft_cap
 
     @property
@@ -115,7 +167,8 @@ class Transformer(eqx.Module):
         key: PRNGKeyArray | None = None,
         inference: bool = True,
     ) -> TransformerOutput:
-        """Hidden states after the final norm, the updated cache and the summed layer statistics."""
+        """Hidden states after the final norm, the updated cache and the summed layer statistics; with an MTP
+        block and `inference=False`, also the final-normed hidden states of each prediction depth."""
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if input_ids.ndim != 2 or hidden.shape[:2] != input_ids.shape:
             raise ValueError(f"input_ids must be [batch, seq], got {input_ids.shape}")
@@ -142,7 +195,16 @@ class Transformer(eqx.Module):
 
         hidden, (cache, stats) = jax.lax.scan(remat(step, self.remat_policy), hidden, (dynamic, cache, keys))
         stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
-        return TransformerOutput(self.norm(hidden), cache, stats)
+        mtp_hidden = ()
+        if self.mtp is not None and not inference:
+            if positions is None:
+                positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+            if segment_ids is None:
+                segment_ids = jnp.ones_like(input_ids)
+            mtp_key = None if key is None else jax.random.fold_in(key, 1)
+            depths = self.mtp(hidden, input_ids, positions, segment_ids, self.embed, key=mtp_key, inference=inference)
+            mtp_hidden = tuple(self.norm(h) for h in depths)
+        return TransformerOutput(self.norm(hidden), cache, stats, mtp_hidden)
 
     def logits(self, hidden: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:
         """Float32 logits of final-normed hidden states."""
