@@ -73,7 +73,7 @@ class AttentionMask(eqx.Module):
         cls,
         segment_ids: Int[Array, "batch seq"],
         *,
-        attention_type: AttentionType = "global",
+        attention_type: str = "global",
         sliding_window: int | None = None,
         chunk_size: int | None = None,
         bidirectional_mask: Bool[Array, "batch seq"] | None = None,
@@ -196,7 +196,7 @@ def merge_attention(
 
 
 def select_kernel(
-    requested: Kernel,
+    requested: str,
     *,
     dtype: DTypeLike,
     head_dim: int,
@@ -314,7 +314,7 @@ class Attention(eqx.Module):
         *,
         rotary: eqx.Module | None | Literal["default"] = "default",
         rope_theta: float = 10_000.0,
-        attention_type: AttentionType = "global",
+        attention_type: str = "global",
         sliding_window: int | None = None,
         chunk_size: int | None = None,
         use_bias: bool = False,
@@ -335,7 +335,7 @@ class Attention(eqx.Module):
         temperature_tuning_scale: float = 0.1,
         temperature_tuning_floor_scale: float = 8192.0,
         dropout_rate: float = 0.0,
-        attention_kernel: Kernel = "auto",
+        attention_kernel: str = "auto",
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
         key: PRNGKeyArray,

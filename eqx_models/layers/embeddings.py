@@ -91,10 +91,11 @@ def _check_even(name: str, what: str, value: int) -> None:
 def default_inv_freq(dim: int, theta: float, min_timescale: float = 1.0) -> np.ndarray:
     """`1 / (min * (theta / min) ** (arange(0, dim, 2) / dim))`, shape `(dim // 2,)`, float32 like HF."""
     exponent = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    if min_timescale == 1.0:
-        return (np.float32(1.0) / np.power(np.float32(theta), exponent)).astype(np.float32)
-    timescale = np.float32(min_timescale) * np.power(np.float32(theta / min_timescale), exponent)
-    return (np.float32(1.0) / timescale).astype(np.float32)
+    # pow in float64 then rounded: correctly rounded, unlike NumPy's float32 pow on AVX-512 machines.
+    power = np.power(np.float64(theta / min_timescale), exponent.astype(np.float64)).astype(np.float32)
+    if min_timescale != 1.0:
+        power = np.float32(min_timescale) * power
+    return (np.float32(1.0) / power).astype(np.float32)
 
 
 def llama3_inv_freq(
@@ -104,9 +105,10 @@ def llama3_inv_freq(
     inv_freq = inv_freq.astype(np.float32)
     low_freq_wavelen = original_max / low_freq_factor
     high_freq_wavelen = original_max / high_freq_factor
-    wavelen = np.float32(2 * math.pi) / inv_freq
+    # torch evaluates `scalar / tensor` as `reciprocal(tensor) * scalar`; the same order keeps HF's bits.
+    wavelen = (np.float32(1.0) / inv_freq) * np.float32(2 * math.pi)
     scaled = np.where(wavelen > low_freq_wavelen, inv_freq / np.float32(factor), inv_freq).astype(np.float32)
-    smooth = ((np.float32(original_max) / wavelen - np.float32(low_freq_factor))
+    smooth = (((np.float32(1.0) / wavelen) * np.float32(original_max) - np.float32(low_freq_factor))
               / np.float32(high_freq_factor - low_freq_factor)).astype(np.float32)
     smoothed = (1 - smooth) * scaled / np.float32(factor) + smooth * scaled
     is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
@@ -123,7 +125,8 @@ def yarn_inv_freq(
     truncate: bool = True,
 ) -> np.ndarray:
     """YaRN-blended frequencies (HF `_compute_yarn_parameters`, MaxText `YarnRotaryEmbedding`)."""
-    pos_freqs = np.power(np.float32(theta), np.arange(0, dim, 2).astype(np.float32) / np.float32(dim))
+    exponent = np.arange(0, dim, 2).astype(np.float32) / np.float32(dim)
+    pos_freqs = np.power(np.float64(theta), exponent.astype(np.float64)).astype(np.float32)
     extrapolation = np.float32(1.0) / pos_freqs
     interpolation = np.float32(1.0) / (np.float32(factor) * pos_freqs)
 
@@ -191,7 +194,8 @@ class Embed(eqx.Module):
         table = self.embedding.astype(self.dtype)
         if self.use_iota_embed:
             one_hot = (ids[..., None] == jnp.arange(self.num_embeddings, dtype=ids.dtype)).astype(self.dtype)
-            return one_hot @ table
+            in_range = (ids >= 0) & (ids < self.num_embeddings)
+            return jnp.where(in_range[..., None], one_hot @ table, jnp.array(jnp.nan, self.dtype))
         return table.at[ids].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
 
     def attend(self, x: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:
@@ -218,9 +222,9 @@ class RotaryEmbedding(eqx.Module):
     """
 
     embedding_dims: int = eqx.field(static=True)
-    min_timescale: float = eqx.field(static=True, default=1.0)
-    max_timescale: float = eqx.field(static=True, default=10_000.0)
-    rope_linear_scaling_factor: float = eqx.field(static=True, default=1.0)
+    min_timescale: float = eqx.field(static=True, converter=float, default=1.0)
+    max_timescale: float = eqx.field(static=True, converter=float, default=10_000.0)
+    rope_linear_scaling_factor: float = eqx.field(static=True, converter=float, default=1.0)
     interleaved: bool = eqx.field(static=True, default=False)
     max_seq_len: int = eqx.field(static=True, default=4096)
 
@@ -271,9 +275,9 @@ class PartialRotaryEmbedding(eqx.Module):
     """
 
     embedding_dims: int = eqx.field(static=True)
-    partial_rotary_factor: float = eqx.field(static=True, default=0.25)
-    min_timescale: float = eqx.field(static=True, default=1.0)
-    max_timescale: float = eqx.field(static=True, default=10_000.0)
+    partial_rotary_factor: float = eqx.field(static=True, converter=float, default=0.25)
+    min_timescale: float = eqx.field(static=True, converter=float, default=1.0)
+    max_timescale: float = eqx.field(static=True, converter=float, default=10_000.0)
 
     def __check_init__(self):
         if not 0 < self.partial_rotary_factor <= 1:
@@ -303,9 +307,9 @@ class Gemma4PartialRotaryEmbedding(eqx.Module):
     """
 
     embedding_dims: int = eqx.field(static=True)
-    partial_rotary_factor: float = eqx.field(static=True, default=0.25)
-    min_timescale: float = eqx.field(static=True, default=1.0)
-    max_timescale: float = eqx.field(static=True, default=10_000.0)
+    partial_rotary_factor: float = eqx.field(static=True, converter=float, default=0.25)
+    min_timescale: float = eqx.field(static=True, converter=float, default=1.0)
+    max_timescale: float = eqx.field(static=True, converter=float, default=10_000.0)
 
     def __check_init__(self):
         _check_even("Gemma4PartialRotaryEmbedding", "embedding_dims", self.embedding_dims)
@@ -341,12 +345,12 @@ class LLaMARotaryEmbedding(eqx.Module):
     """
 
     embedding_dims: int = eqx.field(static=True)
-    min_timescale: float = eqx.field(static=True, default=1.0)
-    max_timescale: float = eqx.field(static=True, default=10_000.0)
+    min_timescale: float = eqx.field(static=True, converter=float, default=1.0)
+    max_timescale: float = eqx.field(static=True, converter=float, default=10_000.0)
     use_scale: bool = eqx.field(static=True, default=True)
-    scale_factor: float = eqx.field(static=True, default=8.0)
-    low_freq_factor: float = eqx.field(static=True, default=1.0)
-    high_freq_factor: float = eqx.field(static=True, default=4.0)
+    scale_factor: float = eqx.field(static=True, converter=float, default=8.0)
+    low_freq_factor: float = eqx.field(static=True, converter=float, default=1.0)
+    high_freq_factor: float = eqx.field(static=True, converter=float, default=4.0)
     old_context_len: int = eqx.field(static=True, default=8192)
 
     def __check_init__(self):
@@ -388,15 +392,15 @@ class YarnRotaryEmbedding(eqx.Module):
     embedding_dims: int = eqx.field(static=True)
     max_position_embeddings: int = eqx.field(static=True, default=16384)
     original_max_position_embeddings: int = eqx.field(static=True, default=4096)
-    beta_fast: float = eqx.field(static=True, default=32.0)
-    beta_slow: float = eqx.field(static=True, default=1.0)
-    rope_theta: float = eqx.field(static=True, default=10_000.0)
-    rope_factor: float = eqx.field(static=True, default=40.0)
+    beta_fast: float = eqx.field(static=True, converter=float, default=32.0)
+    beta_slow: float = eqx.field(static=True, converter=float, default=1.0)
+    rope_theta: float = eqx.field(static=True, converter=float, default=10_000.0)
+    rope_factor: float = eqx.field(static=True, converter=float, default=40.0)
     interleave: bool = eqx.field(static=True, default=True)
     truncate: bool = eqx.field(static=True, default=True)
     attention_scaling: bool = eqx.field(static=True, default=False)
     pairwise: bool = eqx.field(static=True, default=False)
-    mscale: float = eqx.field(static=True, default=1.0)
+    mscale: float = eqx.field(static=True, converter=float, default=1.0)
     mscale_all_dim: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
@@ -438,8 +442,8 @@ class DeepSeekV4RotaryEmbedding(eqx.Module):
     (the leading "nope" dims pass through); `reverse=True` applies the inverse rotation."""
 
     embedding_dims: int = eqx.field(static=True)
-    partial_rotary_factor: float = eqx.field(static=True, default=64 / 512)
-    rope_theta: float = eqx.field(static=True, default=10_000.0)
+    partial_rotary_factor: float = eqx.field(static=True, converter=float, default=64 / 512)
+    rope_theta: float = eqx.field(static=True, converter=float, default=10_000.0)
 
     def __check_init__(self):
         if not 0 < self.partial_rotary_factor <= 1:
@@ -477,11 +481,11 @@ class Qwen3OmniMoeThinkerTextRotaryEmbedding(eqx.Module):
     """
 
     embedding_dims: int = eqx.field(static=True)
-    min_timescale: float = eqx.field(static=True, default=1.0)
-    max_timescale: float = eqx.field(static=True, default=1_000_000.0)
+    min_timescale: float = eqx.field(static=True, converter=float, default=1.0)
+    max_timescale: float = eqx.field(static=True, converter=float, default=1_000_000.0)
     mrope_section: tuple[int, int, int] = eqx.field(static=True, default=(24, 20, 20), converter=tuple)
-    partial_rotary_factor: float = eqx.field(static=True, default=1.0)
-    attention_scaling: float = eqx.field(static=True, default=1.0)
+    partial_rotary_factor: float = eqx.field(static=True, converter=float, default=1.0)
+    attention_scaling: float = eqx.field(static=True, converter=float, default=1.0)
 
     def __check_init__(self):
         name = "Qwen3OmniMoeThinkerTextRotaryEmbedding"
@@ -546,7 +550,7 @@ class PositionalEmbedding(eqx.Module):
     """
 
     embedding_dims: int = eqx.field(static=True)
-    max_wavelength: float = eqx.field(static=True, default=10_000.0)
+    max_wavelength: float = eqx.field(static=True, converter=float, default=10_000.0)
 
     def __check_init__(self):
         _check_even("PositionalEmbedding", "embedding_dims", self.embedding_dims)
@@ -555,7 +559,8 @@ class PositionalEmbedding(eqx.Module):
     def inv_timescales(self) -> np.ndarray:
         half = self.embedding_dims // 2
         increment = math.log(self.max_wavelength) / max(half - 1, 1)
-        return np.exp(np.float32(-increment) * np.arange(half, dtype=np.float32)).astype(np.float32)
+        exponent = np.float32(-increment) * np.arange(half, dtype=np.float32)
+        return np.exp(exponent.astype(np.float64)).astype(np.float32)
 
     def __call__(
         self, seq_len: int, position: Real[Array, " seq"] | Real[Array, "batch seq"] | None = None
@@ -580,7 +585,7 @@ class LlamaVisionRotaryEmbedding(eqx.Module):
     patch_size: int = eqx.field(static=True)
     hidden_size: int = eqx.field(static=True)
     num_attention_heads: int = eqx.field(static=True)
-    rope_theta: float = eqx.field(static=True, default=10_000.0)
+    rope_theta: float = eqx.field(static=True, converter=float, default=10_000.0)
 
     def __check_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -661,7 +666,7 @@ class Qwen3OmniMoeVisionRotaryEmbedding(eqx.Module):
     hidden_size: int = eqx.field(static=True)
     num_attention_heads: int = eqx.field(static=True)
     spatial_merge_size: int = eqx.field(static=True, default=2)
-    rope_theta: float = eqx.field(static=True, default=10_000.0)
+    rope_theta: float = eqx.field(static=True, converter=float, default=10_000.0)
 
     def __check_init__(self):
         if self.hidden_size % self.num_attention_heads:
@@ -722,6 +727,12 @@ class Qwen3OmniMoeVisionRotaryEmbedding(eqx.Module):
         return apply_rotary(x32, cos, sin).astype(x.dtype)
 
 
+def _divisor(size: Array, shape: tuple[int, ...]) -> Array:
+    """`max(size - 1, 1)` broadcast to `shape`, behind a barrier: XLA would otherwise turn the division into a
+    multiply by the reciprocal, one ulp away from HF's `index * (side - 1) / (size - 1)`."""
+    return jax.lax.optimization_barrier(jnp.broadcast_to(jnp.maximum(size - 1, 1).astype(jnp.float32), shape))
+
+
 class Qwen3OmniMoeVisionPosEmbedInterpolate(eqx.Module):
     """Learned `side x side` position table, bilinearly resampled (align_corners) to each image's grid.
 
@@ -768,11 +779,12 @@ class Qwen3OmniMoeVisionPosEmbedInterpolate(eqx.Module):
         row, col, valid = generate_block_coords(grid_thw, num_frames * height * width, self.spatial_merge_size)
         side = self.side
         h, w = grid_thw[:, 1:2], grid_thw[:, 2:3]
-        y = (row * (side - 1)).astype(jnp.float32) / jnp.maximum(h - 1, 1).astype(jnp.float32)
-        x = (col * (side - 1)).astype(jnp.float32) / jnp.maximum(w - 1, 1).astype(jnp.float32)
-        y0, x0 = jnp.floor(y).astype(jnp.int32), jnp.floor(x).astype(jnp.int32)
+        y = (row * (side - 1)).astype(jnp.float32) / _divisor(h, row.shape)
+        x = (col * (side - 1)).astype(jnp.float32) / _divisor(w, col.shape)
+        y_floor, x_floor = jnp.floor(y), jnp.floor(x)
+        dy, dx = (y - y_floor)[..., None], (x - x_floor)[..., None]
+        y0, x0 = y_floor.astype(jnp.int32), x_floor.astype(jnp.int32)
         y1, x1 = jnp.minimum(y0 + 1, side - 1), jnp.minimum(x0 + 1, side - 1)
-        dy, dx = (y - y0)[..., None], (x - x0)[..., None]
         table = self.pos_embed.astype(jnp.float32)
 
         def tap(r: Array, c: Array) -> Array:

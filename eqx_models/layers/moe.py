@@ -45,7 +45,7 @@ def route(
     logits: Float[Array, "tokens experts"],
     top_k: int,
     *,
-    routing: Literal["softmax_topk", "topk_softmax"] = "softmax_topk",
+    routing: str = "softmax_topk",
     norm_topk_prob: bool = False,
 ) -> tuple[Float[Array, "tokens top_k"], Int[Array, "tokens top_k"], Float[Array, "tokens experts"]]:
     """`(weights, expert ids, probabilities over all experts)`, all routing math in float32."""
@@ -71,7 +71,7 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
 
 def _slots(ids: Int[Array, "tokens top_k"], valid: Bool[Array, " tokens"], num_experts: int):
     """Position of each (token, choice) within its expert's queue, in token order; invalid tokens get -1."""
-    one_hot = jax.nn.one_hot(ids, num_experts, dtype=jnp.int32) * valid[:, None, None]
+    one_hot = jax.nn.one_hot(ids, num_experts, dtype=jnp.int32) * valid[:, None, None].astype(jnp.int32)
     flat = one_hot.reshape(-1, num_experts)
     position = jnp.cumsum(flat, axis=0) - flat
     slot = jnp.sum(position * flat, axis=-1).reshape(ids.shape)
@@ -105,9 +105,9 @@ class RoutedMoE(eqx.Module):
         num_experts_per_tok: int,
         *,
         norm_topk_prob: bool = False,
-        routing: Literal["softmax_topk", "topk_softmax"] = "softmax_topk",
+        routing: str = "softmax_topk",
         activations: tuple[str, ...] = ("silu", "linear"),
-        impl: Literal["sorted", "dense"] = "sorted",
+        impl: str = "sorted",
         capacity_factor: float | None = None,
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
@@ -155,8 +155,9 @@ class RoutedMoE(eqx.Module):
             y = self._dense(tokens, ids, slots, kept, weights, capacity)
         else:
             y = self._sorted(tokens, ids, slots, kept, weights, capacity)
-        counts = jnp.sum(jax.nn.one_hot(ids, self.num_experts, dtype=jnp.float32) * valid[:, None, None], axis=(0, 1))
-        stats = RouterStats(counts, jnp.sum(probs * valid[:, None], axis=0), jnp.sum(valid).astype(jnp.float32))
+        valid32 = valid.astype(jnp.float32)
+        counts = jnp.sum(jax.nn.one_hot(ids, self.num_experts, dtype=jnp.float32) * valid32[:, None, None], axis=(0, 1))
+        stats = RouterStats(counts, jnp.sum(probs * valid32[:, None], axis=0), jnp.sum(valid32))
         return y.reshape(shape).astype(self.dtype), stats
 
     def _dense(self, tokens, ids, slots, kept, weights, capacity):

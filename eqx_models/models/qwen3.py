@@ -43,7 +43,7 @@ def rotary_from_config(cfg: Qwen3Config) -> eqx.Module:
         original_max_position_embeddings=original, beta_fast=scaling.get("beta_fast", 32.0),
         beta_slow=scaling.get("beta_slow", 1.0), rope_theta=cfg.rope_theta, rope_factor=factor, interleave=False,
         truncate=scaling.get("truncate", True), attention_scaling=True, mscale=scaling.get("mscale") or 1.0,
-        mscale_all_dim=scaling.get("mscale_all_dim") if scaling.get("mscale") else None,
+        mscale_all_dim=(scaling.get("mscale_all_dim") or None) if scaling.get("mscale") else None,
     )
 
 
