@@ -1,0 +1,113 @@
+"""Autoregressive generation: one jitted function, a prefill and a single compiled decode loop.
+
+Prompts of different lengths are left-padded (`attention_mask` 0 on the padding, as HF tokenizers produce
+for generation); padded slots get segment id 0 so no token ever attends to them, and positions count real
+tokens only (`cumsum(mask) - 1`, as HF `generate` does). The KV cache lives in the loop carry, so XLA updates it
+in place; no Python runs per token.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+
+def sample_token(
+    logits: Float[Array, "batch vocab"],
+    key: PRNGKeyArray | None,
+    *,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Int[Array, " batch"]:
+    """Greedy (`temperature == 0`) or sampled next tokens; `top_k` / `top_p` (nucleus) filter first."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / temperature
+    if top_k is not None:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None:
+        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
+        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
+        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
+        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab_size):
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
+        raise ValueError(f"input_ids must be integer [batch, prompt], got {input_ids.dtype}{list(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature > 0 and key is None:
+        raise ValueError("sampling (temperature > 0) needs a PRNG key")
+    if top_k is not None and not 0 < top_k <= vocab_size:
+        raise ValueError(f"top_k must be in [1, {vocab_size}], got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def generate(
+    model: eqx.Module,
+    input_ids: Int[Array, "batch prompt"],
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    key: PRNGKeyArray | None = None,
+    *,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    attention_mask: Int[Array, "batch prompt"] | None = None,
+) -> Int[Array, "batch total"]:
+    """`[batch, prompt + max_new_tokens]`: the prompts followed by generated tokens.
+
+    Greedy when `temperature == 0`. After a row emits one of `eos_token_id` it keeps emitting that token (the
+    loop stops early once every row has). `attention_mask` marks real prompt tokens (left padding = 0).
+    """
+    vocab = model.config.vocab_size
+    _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    eos = () if eos_token_id is None else tuple(jnp.atleast_1d(jnp.asarray(eos_token_id)).tolist())
+    key = jax.random.key(0) if key is None else key
+    return _generate(model, input_ids.astype(jnp.int32), attention_mask.astype(jnp.int32), key, max_new_tokens,
+                     float(temperature), top_k, top_p, eos)
+
+
+@eqx.filter_jit
+def _generate(model, input_ids, attention_mask, key, max_new_tokens, temperature, top_k, top_p, eos):
+    batch, prompt = input_ids.shape
+    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+    cache = model.init_cache(batch, prompt + max_new_tokens)
+    out = model.forward(input_ids, positions, attention_mask, cache=cache)
+    keys = jax.random.split(key, max_new_tokens)
+    sample = lambda logits, k: sample_token(logits, k, temperature=temperature, top_k=top_k, top_p=top_p)  # noqa: E731
+    first = sample(model.logits(out.hidden[:, -1]), keys[0])
+    is_eos = lambda tokens: jnp.isin(tokens, jnp.asarray(eos, jnp.int32)) if eos else jnp.zeros_like(tokens, bool)  # noqa: E731
+    tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
+    state = (jnp.asarray(1, jnp.int32), first, positions[:, -1] + 1, out.cache, tokens, is_eos(first))
+
+    def cond(state):
+        step, _, _, _, _, done = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, previous, position, cache, tokens, done = state
+        out = model.forward(previous[:, None], position[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache)
+        token = sample(model.logits(out.hidden[:, 0]), keys[step])
+        token = jnp.where(done, previous, token)
+        tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
+        return step + 1, token, position + 1, out.cache, tokens, done | is_eos(token)
+
+    step, last, _, _, tokens, _ = jax.lax.while_loop(cond, body, state)
+    # rows that stopped early repeat their stop token to the end
+    filler = jnp.arange(max_new_tokens)[None, :] >= step
+    tokens = jnp.where(filler, last[:, None], tokens)
+    return jnp.concatenate([input_ids, tokens], axis=1)
