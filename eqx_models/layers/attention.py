@@ -54,7 +54,8 @@ class AttentionMask(eqx.Module):
 
     A query at stream index `i` of segment `s` sees a key at index `j` of segment `t` iff `t == s != 0` and
     the attention type allows `(i, j)`: `global` causal `j <= i`; `local_sliding` also `j > i - sliding_window`;
-    `chunk` also `i // chunk_size == j // chunk_size`; `full` everything. Tokens of the same bidirectional
+    `chunk` also `i // chunk_size == j // chunk_size` (indices counted from the row's first real token);
+    `full` everything. Tokens of the same bidirectional
     block (a contiguous run of image tokens) also see each other.
     """
 
@@ -106,9 +107,11 @@ class AttentionMask(eqx.Module):
         allowed = jnp.ones((q.shape[0], kv.shape[1]), bool) if self.attention_type == "full" else kv <= q
         if self.attention_type == "local_sliding":
             allowed = allowed & (kv > q - self.sliding_window)
-        elif self.attention_type == "chunk":
-            allowed = allowed & (q // self.chunk_size == kv // self.chunk_size)
         allowed = allowed[None]
+        if self.attention_type == "chunk":
+            # Chunks count from each row's first real token, so left padding does not move their boundaries.
+            first = jnp.argmax(self.kv_segment_ids != 0, axis=-1)[:, None, None]
+            allowed = allowed & ((q[None] - first) // self.chunk_size == (kv[None] - first) // self.chunk_size)
         if self.q_blocks is not None:
             same_block = self.q_blocks[:, :, None] == self.kv_blocks[:, None, :]
             allowed = allowed | (same_block & (self.q_blocks[:, :, None] >= 0))
