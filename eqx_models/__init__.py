@@ -9,3 +9,4 @@ from eqx_models.models.qwen3 import (
     Qwen3ForCausalLM as Qwen3ForCausalLM,
     Qwen3MoeForCausalLM as Qwen3MoeForCausalLM,
 )
+from eqx_models.generation import generate as generate

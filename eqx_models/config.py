@@ -7,11 +7,11 @@ on the Hub; `to_hf_dict` writes what transformers 5 writes. Fields that are ours
 
 import dataclasses
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj")
-ROPE_TYPES = ("default", "linear", "llama3", "yarn")
+ROPE_TYPES = ("default", "linear", "yarn")
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "moe_impl", "moe_capacity_factor",
                    "mtp_num_layers", "mtp_loss_scaling_factor")
 
@@ -162,7 +162,7 @@ class Qwen3MoeConfig(Qwen3Config):
     moe_intermediate_size: int = 768
     norm_topk_prob: bool = False
     decoder_sparse_step: int = 1
-    mlp_only_layers: tuple[int, ...] = ()
+    mlp_only_layers: Sequence[int] = ()
     router_aux_loss_coef: float = 0.001
     # runtime choices
     moe_impl: str = "sorted"
@@ -183,6 +183,8 @@ class Qwen3MoeConfig(Qwen3Config):
             raise ValueError(f"moe_impl must be 'sorted' or 'dense', got {self.moe_impl!r}")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise ValueError(f"moe_capacity_factor must be positive or None, got {self.moe_capacity_factor}")
+
+    __hash__ = Qwen3Config.__hash__  # the dataclass decorator would otherwise replace it
 
     def layer_is_moe(self, layer: int) -> bool:
         """HF: MoE unless listed in `mlp_only_layers`, on every `decoder_sparse_step`-th layer."""

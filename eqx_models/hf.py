@@ -207,8 +207,9 @@ def _listing(items: list[str], limit: int = 20) -> str:
     return shown if len(items) <= limit else f"{shown}; ... and {len(items) - limit} more"
 
 
-def read_config(path: str | os.PathLike, **overrides: Any) -> Any:
-    """The config of an HF checkpoint directory, as our config class for its `model_type`."""
+def read_config(path: str | os.PathLike, dtype: DTypeLike | None = None, **overrides: Any) -> Any:
+    """The config of an HF checkpoint directory, as our config class for its `model_type`, with parameter and
+    compute dtype `dtype` (default: the checkpoint's `dtype`, else float32)."""
     config_file = Path(path) / "config.json"
     if not config_file.exists():
         raise FileNotFoundError(f"no config.json in {path}")
@@ -219,22 +220,24 @@ def read_config(path: str | os.PathLike, **overrides: Any) -> Any:
     model_type = data.get("model_type")
     if model_type not in MODELS:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not supported; supported: {sorted(MODELS)}")
-    return MODELS[model_type][0].from_hf_dict(data, **overrides)
+    if dtype is None:
+        saved = data.get("dtype", data.get("torch_dtype"))
+        dtype = saved if saved in ("float32", "bfloat16", "float16") else jnp.float32
+    name = jnp.dtype(dtype).name
+    return MODELS[model_type][0].from_hf_dict(data, **{"dtype": name, "param_dtype": name, **overrides})
 
 
 def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, **config_overrides: Any) -> eqx.Module:
     """Loads an HF checkpoint directory (config.json + safetensors); the class follows `model_type`.
 
-    `dtype` sets both the parameter and compute dtype (default: the config's, float32); other keyword
+    `dtype` sets both the parameter and compute dtype (default: the checkpoint's `dtype`, as transformers does,
+    else float32); other keyword
     arguments override config fields (e.g. `remat_policy="full"`). No network access.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    if dtype is not None:
-        name = jnp.dtype(dtype).name
-        config_overrides = {"dtype": name, "param_dtype": name, **config_overrides}
-    cfg = read_config(path, **config_overrides)
+    cfg = read_config(path, dtype=dtype, **config_overrides)
     _, model_cls, rules_fn = MODELS[cfg.model_type]
     skeleton = eqx.filter_eval_shape(model_cls, cfg, key=jax.random.key(0))
     leaves_with_path = jax.tree_util.tree_flatten_with_path(skeleton)[0]

@@ -188,7 +188,8 @@ class Embed(eqx.Module):
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"Embed expects integer token ids, got dtype {ids.dtype}")
         if not isinstance(ids, jax.core.Tracer) and ids.size:
-            low, high = int(jnp.min(ids)), int(jnp.max(ids))
+            host = np.asarray(ids)  # on the host: a concrete array closed over by a jitted function still works
+            low, high = int(host.min()), int(host.max())
             if low < 0 or high >= self.num_embeddings:
                 raise ValueError(f"token ids must lie in [0, {self.num_embeddings}), got range [{low}, {high}]")
         table = self.embedding.astype(self.dtype)

@@ -24,7 +24,7 @@ from eqx_models.models.transformer import MultiTokenPrediction, Transformer, Tra
 
 
 def rotary_from_config(cfg: Qwen3Config) -> eqx.Module:
-    """The rotary embedding HF builds for `rope_theta` / `rope_scaling` (default, linear, llama3, yarn)."""
+    """The rotary embedding HF builds for `rope_theta` / `rope_scaling` (default, linear, yarn)."""
     scaling = cfg.rope_scaling or {"rope_type": "default"}
     rope_type = scaling["rope_type"]
     if rope_type == "default":
@@ -32,10 +32,6 @@ def rotary_from_config(cfg: Qwen3Config) -> eqx.Module:
     if rope_type == "linear":
         return RotaryEmbedding(cfg.head_dim, max_timescale=cfg.rope_theta,
                                rope_linear_scaling_factor=float(scaling["factor"]))
-    if rope_type == "llama3":
-        raise NotImplementedError(
-            "llama3 rope scaling in a half-split Qwen3 model is not wired yet (LLaMARotaryEmbedding is interleaved)"
-        )
     original = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
     factor = scaling.get("factor") or cfg.max_position_embeddings / original
     return YarnRotaryEmbedding(

@@ -60,8 +60,9 @@ def stack_layers(make_layer: Callable[[int, PRNGKeyArray], eqx.Module], kinds: S
     period = repeating_pattern(kinds)
     repeats = len(kinds) // period
     keys = jax.random.split(key, len(kinds)).reshape(repeats, period)
+    # jitted: eager vmap would compile every initialiser op separately (seconds even for tiny models)
     return tuple(
-        eqx.filter_vmap(lambda k, b=b: make_layer(b, k))(keys[:, b]) for b in range(period)
+        eqx.filter_jit(eqx.filter_vmap(lambda k, b=b: make_layer(b, k)))(keys[:, b]) for b in range(period)
     )
 
 

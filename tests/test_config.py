@@ -1,0 +1,222 @@
+"""`em.Qwen3Config` / `em.Qwen3MoeConfig`: validation on construction, HF `config.json` parsing (written by
+transformers itself), `to_hf_dict` accepted by transformers with the same fields, hashing and static use."""
+
+import dataclasses
+import json
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import pytest
+import transformers
+
+import eqx_models as em
+from eqx_models.config import _RUNTIME_FIELDS, ROPE_TYPES
+
+TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=512,
+            tie_word_embeddings=False)
+TINY_MOE = dict(TINY, moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+                decoder_sparse_step=1, mlp_only_layers=(1,))
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "hf" / "hf_keys"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Validation
+
+
+@pytest.mark.parametrize(
+    "cls, kwargs, field",
+    [
+        (em.Qwen3Config, dict(num_attention_heads=6, num_key_value_heads=4), "num_key_value_heads"),
+        (em.Qwen3Config, dict(head_dim=15), "head_dim"),
+        (em.Qwen3Config, dict(hidden_size=0), "hidden_size"),
+        (em.Qwen3Config, dict(remat_policy="everything"), "remat_policy"),
+        (em.Qwen3Config, dict(rope_scaling={"rope_type": "longrope", "factor": 2.0}), "rope_scaling"),
+        (em.Qwen3Config, dict(rope_theta=0.0), "rope_theta"),
+        (em.Qwen3Config, dict(dtype="int8"), "dtype"),
+        (em.Qwen3Config, dict(hidden_act="swish2"), "hidden_act"),
+        (em.Qwen3Config, dict(use_sliding_window=True, sliding_window=None), "sliding_window"),
+        (em.Qwen3Config, dict(attention_kernel="flash3"), "attention_kernel"),
+        (em.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
+        (em.Qwen3MoeConfig, dict(num_hidden_layers=4, mlp_only_layers=(1, 4)), "mlp_only_layers"),
+        (em.Qwen3MoeConfig, dict(num_hidden_layers=4, mlp_only_layers=(-1,)), "mlp_only_layers"),
+        (em.Qwen3MoeConfig, dict(decoder_sparse_step=0), "decoder_sparse_step"),
+        (em.Qwen3MoeConfig, dict(moe_impl="ragged"), "moe_impl"),
+        (em.Qwen3MoeConfig, dict(moe_capacity_factor=0.0), "moe_capacity_factor"),
+    ],
+)
+def test_invalid_config_raises_naming_the_field(cls, kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        cls(**kwargs)
+
+
+def test_configs_are_frozen():
+    cfg = em.Qwen3Config()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.hidden_size = 8
+    assert cfg.replace(hidden_size=8).hidden_size == 8 and cfg.hidden_size == 1024
+    with pytest.raises(ValueError, match="head_dim"):
+        cfg.replace(head_dim=7)
+
+
+@pytest.mark.parametrize("rope_type", ROPE_TYPES)
+def test_every_accepted_rope_type_builds_a_model(rope_type):
+    """A config that validates builds a model: a rope type the model cannot build must be rejected by the
+    config with a ValueError, not accepted and then fail in the model constructor."""
+    scaling = {"default": None, "linear": {"rope_type": "linear", "factor": 2.0}, "yarn": YARN,
+               "llama3": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64}}[rope_type]
+    cfg = em.Qwen3Config(**TINY, rope_scaling=scaling)
+    model = eqx.filter_eval_shape(em.Qwen3ForCausalLM, cfg, key=jax.random.key(0))
+    assert model.config.rope_scaling == (None if scaling is None else dict(scaling, rope_type=rope_type))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# HF config.json
+
+
+def _hf_json(tmp_path, hf_cfg) -> dict:
+    hf_cfg.save_pretrained(tmp_path)
+    return json.loads((tmp_path / "config.json").read_text())
+
+
+def test_from_hf_dict_dense(tmp_path):
+    """From the config.json transformers 5 writes for a tiny `Qwen3Config` (`rope_parameters` format)."""
+    data = _hf_json(tmp_path, transformers.Qwen3Config(**TINY, rope_parameters={"rope_type": "default",
+                                                                                 "rope_theta": 1e6}))
+    cfg = em.Qwen3Config.from_hf_dict(data)
+    assert cfg == em.Qwen3Config(**TINY, rope_theta=1e6)
+
+
+def test_from_hf_dict_moe_with_yarn(tmp_path):
+    """From a tiny `Qwen3MoeConfig` json: `num_local_experts` -> `num_experts`, `mlp_only_layers` as a tuple,
+    YaRN `rope_parameters` -> `rope_theta` + `rope_scaling`."""
+    hf_cfg = transformers.Qwen3MoeConfig(**{**TINY_MOE, "mlp_only_layers": [1]},
+                                         rope_parameters={**YARN, "rope_theta": 1e6})
+    data = _hf_json(tmp_path, hf_cfg)
+    cfg = em.Qwen3MoeConfig.from_hf_dict(data)
+    assert cfg.num_experts == 8 and cfg.num_experts_per_tok == 2 and cfg.moe_intermediate_size == 32
+    assert cfg.mlp_only_layers == (1,) and cfg.norm_topk_prob is True
+    assert cfg.rope_theta == 1e6 and cfg.rope_scaling == YARN
+    assert cfg == em.Qwen3MoeConfig(**TINY_MOE, rope_theta=1e6, rope_scaling=YARN)
+    assert not cfg.layer_is_moe(1) and cfg.layer_is_moe(0) and cfg.layer_is_moe(2)
+
+
+def test_from_hf_dict_legacy_keys():
+    """Hub-style keys: top-level `rope_theta`, `rope_scaling` with `type`, `num_experts`, no `head_dim`."""
+    data = {**TINY_MOE, "mlp_only_layers": [1], "model_type": "qwen3_moe", "rope_theta": 5e5,
+            "rope_scaling": {"type": "linear", "factor": 2.0}}
+    del data["head_dim"]
+    cfg = em.Qwen3MoeConfig.from_hf_dict(data)
+    assert cfg.rope_theta == 5e5
+    assert cfg.rope_scaling == {"type": "linear", "factor": 2.0, "rope_type": "linear"}
+    assert cfg.head_dim == 64 // 4 and cfg.num_experts == 8
+
+
+def test_from_hf_dict_overrides_and_unknown_keys():
+    data = {**TINY, "model_type": "qwen3", "some_future_key": 1, "rope_parameters": {"rope_theta": 1e6}}
+    cfg = em.Qwen3Config.from_hf_dict(data, remat_policy="full", dtype="bfloat16")
+    assert cfg.remat_policy == "full" and cfg.dtype == "bfloat16" and cfg.rope_theta == 1e6
+
+
+@pytest.mark.parametrize("name, cls", [("qwen3", em.Qwen3Config), ("qwen3_moe", em.Qwen3MoeConfig)])
+def test_from_hf_dict_shared_reference_json(name, cls):
+    """The tiny config.json files recorded in the shared reference (only where that folder is present)."""
+    path = SHARED / f"{name}.config.json"
+    if not path.exists():
+        pytest.skip(f"{path} not present")
+    cfg = cls.from_hf_dict(json.loads(path.read_text()))
+    assert (cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim) == (64, 4, 2, 16)
+    assert cfg.rope_theta == 1e6 and cfg.vocab_size == 256
+    if cls is em.Qwen3MoeConfig:
+        assert (cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (8, 2, 32)
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        em.Qwen3Config(**TINY, rope_theta=1e6),
+        em.Qwen3Config(**{**TINY, "tie_word_embeddings": True},
+                       rope_scaling={"rope_type": "linear", "factor": 2.0}),
+        em.Qwen3MoeConfig(**TINY_MOE, rope_theta=1e6, rope_scaling=YARN, remat_policy="full",
+                          dtype="bfloat16"),
+        em.Qwen3MoeConfig(**{**TINY_MOE, "norm_topk_prob": False, "decoder_sparse_step": 3}),
+    ],
+    ids=["dense", "dense-linear-tied", "moe-yarn", "moe-step3"],
+)
+def test_to_hf_dict_is_read_by_transformers(cfg):
+    """`to_hf_dict` -> transformers `Qwen3Config(**d)` / `Qwen3MoeConfig(**d)` has every HF field we hold;
+    runtime fields stay off the dict; `from_hf_dict(to_hf_dict(c))` gives `c` back (runtime fields at
+    defaults)."""
+    d = cfg.to_hf_dict()
+    assert not (set(_RUNTIME_FIELDS) - {"dtype"}) & set(d)
+    assert d["model_type"] == cfg.model_type and d["architectures"] == [cfg.architecture]
+    json.dumps(d)
+    hf_cls = transformers.Qwen3MoeConfig if isinstance(cfg, em.Qwen3MoeConfig) else transformers.Qwen3Config
+    hf = hf_cls(**d)
+    for field in dataclasses.fields(cfg):
+        name = field.name
+        if name in _RUNTIME_FIELDS or name in ("rope_theta", "rope_scaling", "max_window_layers"):
+            continue
+        value = getattr(hf, name)
+        assert (tuple(value) if name == "mlp_only_layers" else value) == getattr(cfg, name), name
+    assert hf.rope_parameters["rope_theta"] == cfg.rope_theta
+    assert hf.rope_parameters["rope_type"] == (cfg.rope_scaling or {"rope_type": "default"})["rope_type"]
+    for key, value in (cfg.rope_scaling or {}).items():
+        assert hf.rope_parameters[key] == value, key
+    back = type(cfg).from_hf_dict(d)
+    runtime_defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in _RUNTIME_FIELDS}
+    assert back == cfg.replace(**runtime_defaults)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Hashing and static use
+
+
+@pytest.mark.parametrize("cls, fields", [(em.Qwen3Config, TINY), (em.Qwen3MoeConfig, TINY_MOE)],
+                         ids=["dense", "moe"])
+def test_configs_hash_by_value(cls, fields):
+    """Equal configs (including a `rope_scaling` dict) are equal and hash equal; a changed field changes
+    both."""
+    a = cls(**fields, rope_scaling=YARN)
+    b = cls(**fields, rope_scaling=dict(YARN))
+    assert a == b and hash(a) == hash(b) and len({a, b}) == 1
+    assert a != a.replace(num_key_value_heads=4) and hash(a) != hash(a.replace(num_key_value_heads=4))
+    assert em.Qwen3Config(**TINY) != em.Qwen3MoeConfig(**TINY)
+
+
+def _zeros_model(cfg):
+    cls = em.Qwen3MoeForCausalLM if isinstance(cfg, em.Qwen3MoeConfig) else em.Qwen3ForCausalLM
+    skeleton = eqx.filter_eval_shape(cls, cfg, key=jax.random.key(0))
+    return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), skeleton)
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+@pytest.mark.parametrize("rope_scaling", [None, YARN], ids=["default-rope", "yarn"])
+def test_config_is_a_static_field_jit_does_not_recompile(moe, rope_scaling):
+    """Two models whose configs are equal but distinct objects hit the same compiled function (counted by a
+    Python side effect at trace time); a changed config retraces."""
+    small = dict(TINY, num_hidden_layers=2, vocab_size=32, hidden_size=16, intermediate_size=16, head_dim=4,
+                 rope_scaling=rope_scaling)
+    if moe:
+        small.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=8)
+    cls = em.Qwen3MoeConfig if moe else em.Qwen3Config
+    m1, m2 = _zeros_model(cls(**small)), _zeros_model(cls(**small))
+    m3 = _zeros_model(cls(**{**small, "rms_norm_eps": 1e-5}))
+    assert m1.config is not m2.config
+    traces = []
+
+    @eqx.filter_jit
+    def forward(model, ids):
+        traces.append(model.config)
+        return model(ids)
+
+    ids = jnp.zeros((1, 4), jnp.int32)
+    forward(m1, ids)
+    forward(m2, ids)
+    assert len(traces) == 1
+    forward(m3, ids)
+    assert len(traces) == 2

@@ -1,0 +1,311 @@
+"""`em.from_pretrained` / `em.save_pretrained`: round trips through HF transformers (logits 1e-5 relative)
+and through ourselves (bit-identical), sharding, legacy config keys, dtype, strict and clear errors, atomic
+saves."""
+
+import json
+import os
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from safetensors.numpy import load_file, save_file
+
+import eqx_models as em
+import eqx_models.hf as hf_io
+from tests.reference import assert_close
+
+VOCAB = 96
+
+
+def _cfg(moe: bool, **kw):
+    base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
+                rope_theta=10_000.0, tie_word_embeddings=False)
+    if moe:
+        base.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
+        return em.Qwen3MoeConfig(**{**base, **kw})
+    return em.Qwen3Config(**{**base, **kw})
+
+
+def _random_model(cfg, seed: int = 0):
+    """Our model with NumPy-random parameters (norms 1 + N(0, 0.1), router N(0, 1), weights N(0, 0.2^2))."""
+    cls = em.Qwen3MoeForCausalLM if isinstance(cfg, em.Qwen3MoeConfig) else em.Qwen3ForCausalLM
+    skeleton = eqx.filter_eval_shape(cls, cfg, key=jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        name = jax.tree_util.keystr(path)
+        noise = rng.standard_normal(leaf.shape)
+        if name.endswith(".scale"):
+            value = 1.0 + 0.1 * noise
+        else:
+            value = noise if name.endswith("gate.kernel") else 0.2 * noise
+        return jnp.asarray(value.astype(np.float32), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, skeleton)
+
+
+@eqx.filter_jit
+def _logits(model, ids):
+    return model(ids)
+
+
+IDS = np.random.default_rng(0).integers(0, VOCAB, (2, 11))
+
+
+def _assert_same_params(a, b):
+    assert a.config == b.config and type(a) is type(b)
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+def _hf_load(path, moe: bool):
+    cls = transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM
+    return cls.from_pretrained(path, attn_implementation="eager", experts_implementation="eager").eval()
+
+
+def _files(path: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Round trips
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_save_then_hf_loads_same_logits(tmp_path, moe):
+    """ours -> `save_pretrained` -> HF `from_pretrained` (no missing/unexpected keys) gives our logits,
+    float32, 1e-5 relative; and ours -> save -> ours is bit-identical."""
+    model = _random_model(_cfg(moe, tie_word_embeddings=not moe))
+    em.save_pretrained(model, tmp_path)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+    hf, info = (transformers.Qwen3MoeForCausalLM if moe else transformers.Qwen3ForCausalLM).from_pretrained(
+        tmp_path, attn_implementation="eager", experts_implementation="eager", output_loading_info=True
+    )
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    with torch.no_grad():
+        ref = hf.eval()(torch.tensor(IDS)).logits.numpy()
+    what = f"{'moe' if moe else 'dense'} ours->HF"
+    assert_close(_logits(model, jnp.asarray(IDS, jnp.int32)), ref, 1e-5, what)
+    _assert_same_params(em.from_pretrained(tmp_path), model)
+
+
+def test_sharded_save_writes_index_and_both_load(tmp_path):
+    """`max_shard_bytes` below the model size writes several shards and an index; we load it bit-identically
+    and HF loads it to the same logits (1e-5)."""
+    model = _random_model(_cfg(moe=True))
+    em.save_pretrained(model, tmp_path, max_shard_bytes=40_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(p.name for p in tmp_path.glob("*.safetensors"))
+    assert len(shards) > 2 and "model.safetensors" not in shards
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert index["metadata"]["total_size"] == sum(
+        t.nbytes for s in shards for t in load_file(tmp_path / s).values()
+    )
+    _assert_same_params(em.from_pretrained(tmp_path), model)
+    with torch.no_grad():
+        ref = _hf_load(tmp_path, moe=True)(torch.tensor(IDS)).logits.numpy()
+    assert_close(_logits(model, jnp.asarray(IDS, jnp.int32)), ref, 1e-5, "sharded ours->HF")
+
+
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_legacy_config_keys(tmp_path, moe):
+    """A config.json with Hub-style keys (top-level `rope_theta`, `rope_scaling: null`, `num_experts`, no
+    `rope_parameters` or `layer_types`) loads to the same model as the transformers-5 format."""
+    model = _random_model(_cfg(moe, rope_theta=5e5))
+    em.save_pretrained(model, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    rope = config.pop("rope_parameters")
+    config.update(rope_theta=rope["rope_theta"], rope_scaling=None)
+    config.pop("layer_types", None)
+    if moe:
+        config["num_experts"] = config.pop("num_local_experts", config.get("num_experts"))
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = em.from_pretrained(tmp_path)
+    assert loaded.config.rope_theta == 5e5 and loaded.config.rope_scaling is None
+    if moe:
+        assert loaded.config.num_experts == 4
+    _assert_same_params(loaded, model)
+
+
+def test_loads_hf_bfloat16_checkpoint(tmp_path):
+    """A bfloat16 checkpoint written by HF (as on the Hub) loads as bfloat16 by default (as transformers does),
+    and with `dtype=jnp.float32` exactly into float32: logits equal HF's float32 run of the same bf16-rounded
+    weights, 1e-5 relative."""
+    cfg = transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+        norm_topk_prob=True, initializer_range=0.1, attn_implementation="eager",
+        experts_implementation="eager",
+    )
+    torch.manual_seed(0)
+    hf = transformers.Qwen3MoeForCausalLM(cfg).to(torch.bfloat16).eval()
+    hf.save_pretrained(tmp_path)
+    assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree.leaves(em.from_pretrained(tmp_path)))
+    ours = em.from_pretrained(tmp_path, dtype=jnp.float32)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(ours))
+    hf32 = transformers.Qwen3MoeForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager", experts_implementation="eager"
+    ).eval()
+    with torch.no_grad():
+        ref = hf32(torch.tensor(IDS)).logits.numpy()
+    assert_close(_logits(ours, jnp.asarray(IDS, jnp.int32)), ref, 1e-5, "bf16 HF checkpoint -> ours (fp32)")
+
+
+def test_from_pretrained_dtype_bfloat16(tmp_path):
+    """`dtype=jnp.bfloat16` gives bf16 parameters (the float32 values rounded) and a bf16 compute config."""
+    model = _random_model(_cfg(moe=True))
+    em.save_pretrained(model, tmp_path)
+    loaded = em.from_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert loaded.config.dtype == loaded.config.param_dtype == "bfloat16"
+    for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(model)):
+        assert x.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y.astype(jnp.bfloat16)))
+
+
+def test_from_pretrained_config_overrides(tmp_path):
+    """Keyword arguments override runtime config fields (here `remat_policy`)."""
+    model = _random_model(_cfg(moe=False))
+    em.save_pretrained(model, tmp_path)
+    loaded = em.from_pretrained(tmp_path, remat_policy="full")
+    assert loaded.config.remat_policy == "full" and loaded.transformer.remat_policy == "full"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.fixture
+def saved(tmp_path):
+    """A saved dense checkpoint and its model."""
+    model = _random_model(_cfg(moe=False))
+    path = tmp_path / "ckpt"
+    em.save_pretrained(model, path)
+    return path, model
+
+
+def test_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        em.from_pretrained(tmp_path / "nowhere")
+
+
+def test_missing_config(saved):
+    path, _ = saved
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        em.from_pretrained(path)
+
+
+def test_missing_safetensors(saved):
+    path, _ = saved
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        em.from_pretrained(path)
+
+
+def test_unknown_model_type(saved):
+    path, _ = saved
+    config = json.loads((path / "config.json").read_text())
+    config["model_type"] = "gpt2"
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="gpt2"):
+        em.from_pretrained(path)
+
+
+def test_invalid_config_json(saved):
+    path, _ = saved
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json"):
+        em.from_pretrained(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garble-header", "garble-length"])
+def test_corrupted_safetensors_names_the_file(saved, damage):
+    """A truncated or garbled safetensors file is a clear error (ValueError / OSError) naming the file, never
+    a crash or a silently wrong model."""
+    path, _ = saved
+    file = path / "model.safetensors"
+    data = bytearray(file.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garble-header":
+        data[8:40] = b"\xff" * 32
+    else:
+        data[:8] = (2**40).to_bytes(8, "little")
+    file.write_bytes(bytes(data))
+    with pytest.raises((ValueError, OSError)) as excinfo:
+        em.from_pretrained(path)
+    assert "model.safetensors" in str(excinfo.value)
+
+
+def test_mismatched_tensors_are_all_named_in_one_error(saved):
+    """A missing, an unexpected and a wrongly shaped tensor are all reported by one ValueError."""
+    path, _ = saved
+    tensors = load_file(path / "model.safetensors")
+    del tensors["model.layers.1.self_attn.k_proj.weight"]
+    tensors["model.layers.0.mlp.extra.weight"] = np.zeros((3, 3), np.float32)
+    down = "model.layers.0.mlp.down_proj.weight"
+    tensors[down] = tensors[down][:, :-1].copy()
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError) as excinfo:
+        em.from_pretrained(path)
+    message = str(excinfo.value)
+    for name in ("model.layers.1.self_attn.k_proj.weight", "model.layers.0.mlp.extra.weight",
+                 "model.layers.0.mlp.down_proj.weight"):
+        assert name in message, f"{name} not named in: {message}"
+    assert "missing" in message and "unexpected" in message and "shape" in message
+
+
+def test_missing_shard_of_index(tmp_path):
+    """A shard listed in the index but absent is a FileNotFoundError naming it."""
+    model = _random_model(_cfg(moe=False))
+    em.save_pretrained(model, tmp_path, max_shard_bytes=20_000)
+    shard = sorted(tmp_path.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(FileNotFoundError, match=shard.name):
+        em.from_pretrained(tmp_path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Atomic saves
+
+
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    """If writing the tensors fails after part of them is on disk, the previous checkpoint at `out_dir` is
+    byte-for-byte unchanged and loadable, and no staging directory is left behind."""
+    old, new = _random_model(_cfg(moe=False), seed=1), _random_model(_cfg(moe=False), seed=2)
+    out = tmp_path / "ckpt"
+    em.save_pretrained(old, out)
+    before = _files(out)
+    real_write = hf_io._write_shards
+
+    def crash(tensors, directory, max_shard_bytes):
+        first = dict(list(tensors.items())[:3])
+        real_write(first, directory, max_shard_bytes)
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(hf_io, "_write_shards", crash)
+    with pytest.raises(RuntimeError, match="disk full"):
+        em.save_pretrained(new, out)
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    _assert_same_params(em.from_pretrained(out), old)
+
+
+def test_save_over_existing_directory_replaces_it(tmp_path):
+    """Saving over a sharded checkpoint leaves exactly the new checkpoint (no stale shards or index)."""
+    old, new = _random_model(_cfg(moe=False), seed=1), _random_model(_cfg(moe=False), seed=2)
+    out = tmp_path / "ckpt"
+    em.save_pretrained(old, out, max_shard_bytes=20_000)
+    assert (out / "model.safetensors.index.json").exists()
+    em.save_pretrained(new, out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    _assert_same_params(em.from_pretrained(out), new)
