@@ -1,22 +1,261 @@
-"""The `eqx-models` command. Subcommands arrive with the issues that build them."""
+"""The `eqx-models` command: `train` a tiny Qwen3 on bundled text, `generate` from a checkpoint, `convert`.
+
+Text is byte-level (token = UTF-8 byte, vocab 256), so nothing needs a tokenizer download.
+"""
 
 import argparse
+import dataclasses
+import json
 import sys
+import time
+from importlib import resources
+from pathlib import Path
 
 import eqx_models
 
+TINY = dict(
+    vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10_000.0,
+)
+RUN_CONFIG = "eqx_models_config.json"
+
+
+class CLIError(Exception):
+    """A problem to report as one line, without a traceback."""
+
+
+def encode(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+
+def decode(ids) -> str:
+    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+
+
+def bundled_corpus() -> str:
+    return resources.files("eqx_models").joinpath("data/tiny_corpus.txt").read_text(encoding="utf-8")
+
+
+def _load_config(model: str):
+    if model == "tiny":
+        return eqx_models.Qwen3Config(**TINY)
+    path = Path(model)
+    if not path.is_file():
+        raise CLIError(f"--model must be 'tiny' or a config JSON file; {model} does not exist")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CLIError(f"{path} is not valid JSON: {e}") from None
+    cls = eqx_models.Qwen3MoeConfig if data.get("model_type") == "qwen3_moe" else eqx_models.Qwen3Config
+    try:
+        return cls.from_hf_dict(data)
+    except (TypeError, ValueError, KeyError) as e:
+        raise CLIError(f"{path} is not a usable config: {e}") from None
+
+
+def _model_class(cfg):
+    return eqx_models.Qwen3MoeForCausalLM if isinstance(cfg, eqx_models.Qwen3MoeConfig) else eqx_models.Qwen3ForCausalLM
+
+
+def _save_run_config(out: Path, cfg) -> None:
+    data = {"model_type": cfg.model_type, **dataclasses.asdict(cfg)}
+    (out / RUN_CONFIG).write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _read_run_config(checkpoint: Path):
+    file = checkpoint / RUN_CONFIG
+    if not file.exists():
+        raise CLIError(f"{checkpoint} is not an eqx-models checkpoint directory (no {RUN_CONFIG})")
+    data = json.loads(file.read_text())
+    cls = eqx_models.Qwen3MoeConfig if data.pop("model_type") == "qwen3_moe" else eqx_models.Qwen3Config
+    if data.get("rope_scaling") is not None:
+        data["rope_scaling"] = dict(data["rope_scaling"])
+    return cls(**data)
+
+
+def _plot_losses(losses: list[float], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot(range(1, len(losses) + 1), losses)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats / byte)")
+    ax.set_title("eqx-models train")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from tqdm import tqdm
+
+    from eqx_models.checkpoint import Checkpointer
+    from eqx_models.training import lm_loss, make_optimizer, make_train_step
+
+    cfg = _load_config(args.model)
+    if args.data:
+        path = Path(args.data)
+        if not path.is_file():
+            raise CLIError(f"--data {path} does not exist")
+        text = path.read_text(encoding="utf-8", errors="replace")
+    else:
+        text = bundled_corpus()
+    data = np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32)
+    if data.size < args.seq_len + 1:
+        raise CLIError(f"the corpus has {data.size} bytes, fewer than --seq-len {args.seq_len} + 1")
+    if cfg.vocab_size < 256:
+        raise CLIError(f"byte-level training needs vocab_size >= 256, the config has {cfg.vocab_size}")
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    key = jax.random.key(args.seed)
+    model_key, key = jax.random.split(key)
+    model = _model_class(cfg)(cfg, key=model_key)
+    optimizer = make_optimizer(args.lr, total_steps=args.steps, warmup_steps=min(50, args.steps // 10))
+    opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+    step_fn = make_train_step(optimizer)
+    checkpointer = Checkpointer(out / "checkpoints", max_to_keep=2)
+    start = 0
+    if args.resume and checkpointer.latest_step() is not None:
+        restored = checkpointer.restore(model, opt_state)
+        model, opt_state, start, key = restored.model, restored.opt_state, restored.step, restored.key
+    _save_run_config(out, cfg)
+
+    rng = np.random.default_rng(args.seed)
+    starts_all = rng.integers(0, data.size - args.seq_len, size=(args.steps, args.batch_size))
+    losses: list[float] = []
+    tokens_per_step = args.batch_size * args.seq_len
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
+               disable=args.quiet)
+    tick = time.perf_counter()
+    for step in bar:
+        windows = starts_all[step][:, None] + np.arange(args.seq_len)[None, :]
+        batch = {"input_ids": jnp.asarray(data[windows])}
+        model, opt_state, metrics = step_fn(model, opt_state, batch, jax.random.fold_in(key, step))
+        loss = float(metrics["loss"])
+        losses.append(loss)
+        now = time.perf_counter()
+        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / max(now - tick, 1e-9):,.0f}")
+        tick = now
+        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+            checkpointer.save(step + 1, model, opt_state, key=key, metadata={"losses_tail": losses[-10:]})
+    checkpointer.wait()
+    checkpointer.close()
+    if losses:
+        _plot_losses(losses, out / "loss.png")
+        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; "
+              f"checkpoint in {out / 'checkpoints'}, loss curve in {out / 'loss.png'}")
+    sample = _generate_text(model, args.prompt, 120, 0.8, args.seed)
+    print(f"sample: {args.prompt}{sample}")
+
+
+def _generate_text(model, prompt: str, max_new_tokens: int, temperature: float, seed: int) -> str:
+    import jax
+    import jax.numpy as jnp
+
+    from eqx_models.generation import generate
+
+    ids = encode(prompt)
+    if not ids:
+        raise CLIError("--prompt must not be empty")
+    out = generate(model, jnp.asarray([ids], jnp.int32), max_new_tokens, temperature, jax.random.key(seed))
+    return decode(out[0, len(ids):])
+
+
+def _restore_model(checkpoint: Path):
+    import equinox as eqx
+    import jax
+
+    from eqx_models.checkpoint import Checkpointer
+
+    if not checkpoint.is_dir():
+        raise CLIError(f"checkpoint directory {checkpoint} does not exist")
+    cfg = _read_run_config(checkpoint)
+    like = eqx.filter_eval_shape(_model_class(cfg), cfg, key=jax.random.key(0))
+    like = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), like)
+    with Checkpointer(checkpoint / "checkpoints") as checkpointer:
+        if checkpointer.latest_step() is None:
+            raise CLIError(f"no saved step in {checkpoint / 'checkpoints'}")
+        return checkpointer.restore(like).model
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    model = _restore_model(Path(args.checkpoint))
+    print(args.prompt + _generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.seed))
+
+
+def cmd_convert(args: argparse.Namespace) -> None:
+    from eqx_models.checkpoint import Checkpointer
+
+    source, dest = Path(args.source), Path(args.dest)
+    if (source / "config.json").exists():
+        model = eqx_models.from_pretrained(source)
+        dest.mkdir(parents=True, exist_ok=True)
+        _save_run_config(dest, model.config)
+        with Checkpointer(dest / "checkpoints") as checkpointer:
+            checkpointer.save(0, model, force=True)
+        print(f"converted HF checkpoint {source} -> eqx-models checkpoint {dest}")
+    elif (source / RUN_CONFIG).exists():
+        eqx_models.save_pretrained(_restore_model(source), dest)
+        print(f"converted eqx-models checkpoint {source} -> HF checkpoint {dest}")
+    else:
+        raise CLIError(f"{source} is neither an HF checkpoint (config.json) nor an eqx-models one ({RUN_CONFIG})")
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="eqx-models",
-        description="eqx_models: MaxText's model stack in Equinox. No subcommands are available yet.",
-    )
+    parser = argparse.ArgumentParser(prog="eqx-models", description="MaxText's model stack in Equinox.")
     parser.add_argument("--version", action="version", version=f"eqx-models {eqx_models.__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="train a tiny Qwen3 on bundled text (byte-level), then sample from it")
+    train.add_argument("--steps", type=int, default=300)
+    train.add_argument("--out", default="runs/tiny", help="run directory (checkpoints, loss.png)")
+    train.add_argument("--model", default="tiny", help="'tiny' or a Qwen3 / Qwen3-MoE config.json")
+    train.add_argument("--data", default=None, help="a UTF-8 text file (default: the bundled corpus)")
+    train.add_argument("--batch-size", type=int, default=16)
+    train.add_argument("--seq-len", type=int, default=128)
+    train.add_argument("--lr", type=float, default=3e-3)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--save-every", type=int, default=100)
+    train.add_argument("--prompt", default="The lamp was lit ")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+    train.set_defaults(func=cmd_train)
+
+    gen = sub.add_parser("generate", help="sample text from a `train` run directory")
+    gen.add_argument("--checkpoint", required=True, help="a run directory written by `eqx-models train`")
+    gen.add_argument("--prompt", required=True)
+    gen.add_argument("--max-new-tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(func=cmd_generate)
+
+    convert = sub.add_parser("convert", help="HF checkpoint dir <-> eqx-models run dir (direction from the source)")
+    convert.add_argument("source")
+    convert.add_argument("dest")
+    convert.set_defaults(func=cmd_convert)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv)
+    for name in ("steps", "batch_size", "seq_len", "save_every", "max_new_tokens"):
+        if getattr(args, name, 1) < 1:
+            print(f"eqx-models: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
+            return 2
+    try:
+        args.func(args)
+    except (CLIError, FileNotFoundError, ValueError) as e:
+        print(f"eqx-models: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

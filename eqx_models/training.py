@@ -113,9 +113,12 @@ def make_optimizer(
     max_grad_norm: float | None = 1.0,
 ) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping."""
-    schedule = optax.warmup_cosine_decay_schedule(
-        0.0, learning_rate, max(warmup_steps, 1), max(total_steps, warmup_steps + 1), learning_rate * 0.1
-    )
+    if warmup_steps > 0:
+        schedule = optax.warmup_cosine_decay_schedule(
+            0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), learning_rate * 0.1
+        )
+    else:
+        schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1), alpha=0.1)
     adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
     return adamw if max_grad_norm is None else optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
 
@@ -129,7 +132,7 @@ def make_train_step(
 ) -> Callable:
     """`step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, jitted with the model and optimizer
     state donated. With `grad_accum_steps > 1` the batch is split into that many micro-batches along the batch
-    axis and their float32 gradients averaged. Parameters stay in their `param_dtype` (fp32 master weights with
+    axis and their float32 gradients averaged, weighted by real tokens. Parameters stay in their `param_dtype` (fp32 master weights with
     `dtype="bfloat16"` compute is the mixed-precision set-up)."""
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
@@ -152,14 +155,19 @@ def make_train_step(
             params = eqx.filter(model, eqx.is_inexact_array)
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
+            # Micro-batches are weighted by their real-token counts, so the result equals the full-batch
+            # per-token mean even when padding is uneven across them.
             def accumulate(total, xs):
                 micro_batch, micro_key = xs
                 grads, metrics = grads_of(model, micro_batch, micro_key)
-                return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), metrics
+                weight = metrics.get("tokens", jnp.ones((), jnp.float32))
+                return jax.tree.map(lambda t, g: t + weight * g.astype(jnp.float32), total, grads), metrics
 
             total, metrics = jax.lax.scan(accumulate, zeros, (micro, jax.random.split(key, grad_accum_steps)))
-            grads = jax.tree.map(lambda g, p: (g / grad_accum_steps).astype(p.dtype), total, params)
-            metrics = jax.tree.map(jnp.mean, metrics)
+            weights = metrics.get("tokens", jnp.ones((grad_accum_steps,), jnp.float32))
+            grads = jax.tree.map(lambda g, p: (g / jnp.sum(weights)).astype(p.dtype), total, params)
+            metrics = jax.tree.map(lambda m: jnp.sum(m * weights) / jnp.sum(weights), metrics)
+            metrics["tokens"] = jnp.sum(weights)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         model = eqx.apply_updates(model, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)

@@ -1,0 +1,335 @@
+"""Training checkpoints with orbax: model, optimizer state, step, PRNG key and JSON metadata.
+
+```python
+with Checkpointer("ckpt", max_to_keep=3) as ckpt:
+    ckpt.save(step, model, opt_state, key=key, metadata={"data_position": pos})
+    model, opt_state, step, key, metadata = ckpt.restore(model, opt_state)  # latest step
+```
+
+Only the array leaves are written; restore rebuilds the rest from `like_model` / `like_opt_state` (which may
+be abstract, e.g. from `eqx.filter_eval_shape`) and places each array with the dtype and sharding of the
+corresponding `like` leaf. Each step is one orbax checkpoint directory `<directory>/<step>`, written under a
+temporary name and renamed once complete, so a crash mid-save leaves the previous steps intact.
+"""
+
+import json
+import os
+from typing import Any, NamedTuple
+
+import equinox as eqx
+import jax
+import jax.tree_util as jtu
+import numpy as np
+import orbax.checkpoint as ocp
+
+__all__ = ["Checkpointer", "Restored"]
+
+_FORMAT_VERSION = 1
+
+
+class Restored(NamedTuple):
+    """What `Checkpointer.restore` returns; `opt_state` is None when no `like_opt_state` was given."""
+
+    model: Any
+    opt_state: Any
+    step: int
+    key: jax.Array | None
+    metadata: dict
+
+
+def _is_leaf_array(x) -> bool:
+    return eqx.is_array(x) or isinstance(x, jax.ShapeDtypeStruct)
+
+
+def _is_prng_key(x) -> bool:
+    return jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _prng_impl_name(leaf) -> str:
+    if isinstance(leaf, jax.Array):
+        return str(jax.random.key_impl(leaf))
+    return leaf.dtype._impl.name  # abstract keys: jax has no public accessor for a key dtype's impl
+
+
+def _path_part(entry) -> str:
+    if isinstance(entry, jtu.GetAttrKey):
+        return entry.name
+    if isinstance(entry, jtu.SequenceKey):
+        return str(entry.idx)
+    if isinstance(entry, (jtu.DictKey, jtu.FlattenedIndexKey)):
+        return str(entry.key)
+    return str(entry)
+
+
+def _array_leaves(tree) -> dict[str, tuple[tuple[str, ...], Any]]:
+    """Array leaves of `tree` by `jtu.keystr` path, each with its path as storage names."""
+    dynamic, _ = eqx.partition(tree, _is_leaf_array)
+    leaves = {}
+    for path, leaf in jtu.tree_flatten_with_path(dynamic)[0]:
+        leaves[jtu.keystr(path)] = (tuple(_path_part(entry) for entry in path), leaf)
+    return leaves
+
+
+def _describe(leaf) -> dict:
+    info = {"shape": list(leaf.shape), "dtype": str(leaf.dtype)}
+    if _is_prng_key(leaf):
+        info["prng_impl"] = _prng_impl_name(leaf)
+        info["data_shape"] = list(jax.eval_shape(jax.random.key_data, leaf).shape)
+    return info
+
+
+def _nest(leaves: dict[str, tuple[tuple[str, ...], Any]], what: str) -> dict:
+    """Nested dict of storage name -> value; orbax names each array by its dot-joined path."""
+    nested, seen = {}, {}
+    for keystr, (parts, value) in leaves.items():
+        name = ".".join(parts)
+        if name in seen or not parts:
+            raise ValueError(f"{what}: leaves {seen.get(name)!r} and {keystr!r} map to the same name {name!r}")
+        seen[name] = keystr
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{what}: leaf {keystr!r} collides with another leaf")
+        node[parts[-1]] = value
+    return nested
+
+
+def _unnest(nested: dict, parts: tuple[str, ...]):
+    for part in parts:
+        nested = nested[part]
+    return nested
+
+
+def _default_sharding() -> jax.sharding.Sharding:
+    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def _restore_target(leaf, saved: dict):
+    """Abstract array orbax restores into: dtype and sharding of `leaf` (key data for PRNG keys)."""
+    if isinstance(leaf, np.ndarray):
+        return np.empty(leaf.shape, leaf.dtype)
+    sharding = getattr(leaf, "sharding", None) or _default_sharding()
+    if _is_prng_key(leaf):
+        if isinstance(leaf, jax.Array):
+            sharding = jax.random.key_data(leaf).sharding
+        return jax.ShapeDtypeStruct(tuple(saved["data_shape"]), np.dtype(np.uint32), sharding=sharding)
+    return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
+
+
+def _finish_leaf(value, leaf):
+    if _is_prng_key(leaf):
+        return jax.random.wrap_key_data(value, impl=_prng_impl_name(leaf))
+    return value
+
+
+def _mismatches(like: dict, saved: dict) -> list[str]:
+    problems = [f"missing from checkpoint: {path}" for path in like if path not in saved]
+    problems += [f"not in like tree: {path}" for path in saved if path not in like]
+    for path, (_, leaf) in like.items():
+        if path not in saved:
+            continue
+        want, have = _describe(leaf), saved[path]
+        if want["shape"] != have["shape"]:
+            problems.append(f"shape of {path}: checkpoint {tuple(have['shape'])}, like {tuple(want['shape'])}")
+        if want.get("prng_impl") != have.get("prng_impl"):
+            problems.append(
+                f"PRNG key impl of {path}: checkpoint {have.get('prng_impl')}, like {want.get('prng_impl')}"
+            )
+    return problems
+
+
+def _rebuild(like, restored: dict):
+    dynamic, static = eqx.partition(like, _is_leaf_array)
+    paths_and_leaves, treedef = jtu.tree_flatten_with_path(dynamic)
+    leaves = []
+    for path, leaf in paths_and_leaves:
+        value = _unnest(restored, tuple(_path_part(entry) for entry in path))
+        leaves.append(_finish_leaf(value, leaf))
+    return eqx.combine(jtu.tree_unflatten(treedef, leaves), static)
+
+
+class Checkpointer:
+    """Orbax-backed training checkpoints: model + optimizer state + step + arbitrary JSON metadata (data position...) + PRNG key.
+
+    **Arguments:**
+
+    - `directory`: one subdirectory per step is written here (created on the first save).
+    - `max_to_keep`: keep only the newest this many steps (None keeps all).
+    - `async_save`: `save` returns once the arrays are copied to host and writes in the background;
+      `wait()` blocks until the write is durable. Saving or closing also waits for the previous save.
+    """
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = False):
+        if max_to_keep is not None and max_to_keep < 1:
+            raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
+        self.directory = os.path.abspath(os.fspath(directory))
+        self._options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, enable_async_checkpointing=async_save
+        )
+        self._manager: ocp.CheckpointManager | None = None
+        if os.path.isdir(self.directory):
+            self._open(create=False)
+
+    def _open(self, create: bool) -> ocp.CheckpointManager:
+        if self._manager is None:
+            if create:
+                os.makedirs(self.directory, exist_ok=True)
+            self._manager = ocp.CheckpointManager(self.directory, options=self._options)
+        return self._manager
+
+    def save(
+        self,
+        step: int,
+        model: eqx.Module,
+        opt_state=None,
+        *,
+        key: jax.Array | None = None,
+        metadata: dict | None = None,
+        force: bool = False,
+    ) -> None:
+        """Save the array leaves of `model` and `opt_state`, plus `key` and JSON-serialisable `metadata`.
+
+        A step that already exists is an error; a step below the latest one needs `force=True`.
+        """
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        metadata = {} if metadata is None else metadata
+        if not isinstance(metadata, dict):
+            raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
+        try:
+            json.dumps(metadata)
+        except (TypeError, ValueError) as error:
+            raise TypeError(f"metadata must be JSON-serialisable: {error}") from None
+
+        model_leaves = _array_leaves(model)
+        if not model_leaves:
+            raise ValueError("model has no array leaves to save")
+        opt_leaves = _array_leaves(opt_state) if opt_state is not None else {}
+        for what, leaves in (("model", model_leaves), ("opt_state", opt_leaves)):
+            abstract = [path for path, (_, leaf) in leaves.items() if not eqx.is_array(leaf)]
+            if abstract:
+                raise ValueError(f"{what} has abstract (ShapeDtypeStruct) leaves, cannot save: {abstract[:5]}")
+        if key is not None and not isinstance(key, jax.Array):
+            raise TypeError(f"key must be a jax.Array (typed or raw PRNG key), got {type(key).__name__}")
+
+        def storable(leaves):
+            return {
+                path: (parts, jax.random.key_data(leaf) if _is_prng_key(leaf) else leaf)
+                for path, (parts, leaf) in leaves.items()
+            }
+
+        items = {"model": ocp.args.StandardSave(_nest(storable(model_leaves), "model"))}
+        if opt_leaves:
+            items["opt_state"] = ocp.args.StandardSave(_nest(storable(opt_leaves), "opt_state"))
+        if key is not None:
+            items["key"] = ocp.args.StandardSave({"data": jax.random.key_data(key) if _is_prng_key(key) else key})
+        record = {
+            "format_version": _FORMAT_VERSION,
+            "step": step,
+            "metadata": metadata,
+            "model": {path: _describe(leaf) for path, (_, leaf) in model_leaves.items()},
+            "opt_state": None if opt_state is None else {p: _describe(x) for p, (_, x) in opt_leaves.items()},
+            "key": None if key is None else _describe(key),
+        }
+        items["metadata"] = ocp.args.JsonSave(record)
+
+        manager = self._open(create=True)
+        steps = manager.all_steps()
+        if step in steps:
+            raise ValueError(f"step {step} already exists in {self.directory}")
+        if steps and step < max(steps) and not force:
+            raise ValueError(
+                f"step {step} is below the latest saved step {max(steps)} in {self.directory}; pass force=True"
+            )
+        if not manager.save(step, args=ocp.args.Composite(**items), force=True):
+            raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
+
+    def wait(self) -> None:
+        """Block until an asynchronous save is finished and durable."""
+        if self._manager is not None:
+            self._manager.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def all_steps(self) -> list[int]:
+        """Finalised steps, ascending (a step being written asynchronously is listed once saved)."""
+        if self._manager is None:
+            if not os.path.isdir(self.directory):
+                return []
+            self._open(create=False)
+        return sorted(self._manager.all_steps())
+
+    def restore(self, like_model: eqx.Module, like_opt_state=None, *, step: int | None = None) -> Restored:
+        """Restore `step` (default: latest) into the structure of `like_model` (and `like_opt_state`).
+
+        Arrays land with the dtype and sharding of the matching `like` leaf; non-array leaves come from `like`.
+        """
+        steps = self.all_steps()
+        if not steps:
+            raise FileNotFoundError(f"no checkpoint found in {self.directory}")
+        if step is None:
+            step = steps[-1]
+        elif int(step) not in steps:
+            raise ValueError(f"step {step} not found in {self.directory}; available steps: {steps}")
+        step = int(step)
+        manager = self._manager
+        assert manager is not None
+        record = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+        if record.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"checkpoint step {step} in {self.directory} was not written by eqx_models.Checkpointer")
+
+        model_leaves = _array_leaves(like_model)
+        problems = [f"model: {p}" for p in _mismatches(model_leaves, record["model"])]
+        opt_leaves = {}
+        if like_opt_state is not None:
+            if record["opt_state"] is None:
+                problems.append("opt_state: like_opt_state given but the checkpoint has no optimizer state")
+            else:
+                opt_leaves = _array_leaves(like_opt_state)
+                problems += [f"opt_state: {p}" for p in _mismatches(opt_leaves, record["opt_state"])]
+        if problems:
+            raise ValueError(
+                f"checkpoint step {step} in {self.directory} does not match the like tree:\n  " + "\n  ".join(problems)
+            )
+
+        def targets(leaves, saved):
+            return _nest({p: (parts, _restore_target(x, saved[p])) for p, (parts, x) in leaves.items()}, "target")
+
+        items = {"model": ocp.args.StandardRestore(targets(model_leaves, record["model"]))}
+        if opt_leaves:
+            items["opt_state"] = ocp.args.StandardRestore(targets(opt_leaves, record["opt_state"]))
+        saved_key = record["key"]
+        if saved_key is not None:
+            data_shape = saved_key.get("data_shape", saved_key["shape"])
+            dtype = np.uint32 if "prng_impl" in saved_key else np.dtype(saved_key["dtype"])
+            target = jax.ShapeDtypeStruct(tuple(data_shape), dtype, sharding=_default_sharding())
+            items["key"] = ocp.args.StandardRestore({"data": target})
+        restored = manager.restore(step, args=ocp.args.Composite(**items))
+
+        model = _rebuild(like_model, restored.model)
+        opt_state = None
+        if like_opt_state is not None:
+            opt_state = _rebuild(like_opt_state, restored.opt_state if opt_leaves else {})
+        key = None
+        if saved_key is not None:
+            key = restored.key["data"]
+            if "prng_impl" in saved_key:
+                key = jax.random.wrap_key_data(key, impl=saved_key["prng_impl"])
+        return Restored(model, opt_state, step, key, record["metadata"])
+
+    def close(self) -> None:
+        """Wait for pending saves and release orbax's resources."""
+        if self._manager is not None:
+            self._manager.close()
+            self._manager = None
+
+    def __enter__(self) -> "Checkpointer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()

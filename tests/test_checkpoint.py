@@ -1,0 +1,398 @@
+"""Checkpointer: bitwise round trips (model, optax state, typed PRNG key, JSON metadata), retention, async
+saves, atomicity under SIGKILL, and bitwise-identical resumed training on CPU.
+
+Building a model runs (and compiles) its random initialiser, several seconds on CPU; the tests build one real
+tiny Qwen3 per module and otherwise fill `eqx.filter_eval_shape` skeletons with NumPy values, which gives the
+exact pytree of a built model at no cost."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.tree_util as jtu
+import numpy as np
+import optax
+import pytest
+
+import eqx_models as em
+from eqx_models.checkpoint import Checkpointer, Restored
+
+TINY = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+)
+
+
+def abstract_model(**overrides):
+    config = em.Qwen3Config(**{**TINY, **overrides})
+    return eqx.filter_eval_shape(em.Qwen3ForCausalLM, config, key=jax.random.key(0))
+
+
+def filled_model(seed, **overrides):
+    """A tiny Qwen3ForCausalLM (exact structure and dtypes) with seeded NumPy normal weights."""
+    rng = np.random.default_rng(seed)
+
+    def fill(leaf):
+        return jnp.asarray(rng.standard_normal(leaf.shape, dtype=np.float32) * 0.1).astype(leaf.dtype)
+
+    return jtu.tree_map(fill, abstract_model(**overrides), is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+
+
+def array_leaves(tree):
+    return jtu.tree_leaves(eqx.filter(tree, eqx.is_array))
+
+
+def zeros_like_tree(tree):
+    return jtu.tree_map(lambda x: jnp.zeros_like(x) if eqx.is_array(x) else x, tree)
+
+
+def make_optimizer():
+    """AdamW behind gradient clipping, with a warmup-cosine schedule injected as a hyperparameter, so the state
+    mixes arrays, counts, EmptyState and nested namedtuples.
+
+    optax computes `float ** int32 count` (bias correction, schedules), which the suite's strict dtype
+    promotion rejects: the optimizer runs under standard promotion, the model stays strict."""
+    schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=2, decay_steps=10)
+    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw)(learning_rate=schedule))
+
+    def init(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return inner.init(params)
+
+    def update(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return inner.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+OPTIMIZER = make_optimizer()
+
+
+def loss_fn(model, tokens, weights):
+    logits = model(tokens[:, :-1])
+    log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    nll = -jnp.take_along_axis(log_probs, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(nll * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+@eqx.filter_jit
+def train_step(model, opt_state, tokens, weights):
+    loss, grads = eqx.filter_value_and_grad(loss_fn)(model, tokens, weights)
+    updates, opt_state = OPTIMIZER.update(grads, opt_state, eqx.filter(model, eqx.is_array))
+    return eqx.apply_updates(model, updates), opt_state, loss
+
+
+def init_opt_state(model):
+    return OPTIMIZER.init(eqx.filter(model, eqx.is_array))
+
+
+@pytest.fixture(scope="module")
+def model():
+    return em.Qwen3ForCausalLM(em.Qwen3Config(**TINY), key=jax.random.key(0))
+
+
+@pytest.fixture(scope="module")
+def trained(model):
+    """The module's model and its AdamW state after two steps (non-zero moments, count 2)."""
+    opt_state = init_opt_state(model)
+    trained_model = model
+    for data_key in jax.random.split(jax.random.key(1), 2):
+        tokens = jax.random.randint(data_key, (2, 9), 0, TINY["vocab_size"])
+        trained_model, opt_state, _ = train_step(trained_model, opt_state, tokens, jnp.ones((2, 8), jnp.float32))
+    return trained_model, opt_state
+
+
+def assert_bitwise_equal(a, b):
+    leaves_a, treedef_a = jtu.tree_flatten(a)
+    leaves_b, treedef_b = jtu.tree_flatten(b)
+    assert treedef_a == treedef_b
+    for x, y in zip(leaves_a, leaves_b, strict=True):
+        if eqx.is_array(x):
+            assert eqx.is_array(y) and x.dtype == y.dtype and x.shape == y.shape
+            if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+                x, y = jax.random.key_data(x), jax.random.key_data(y)
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        else:
+            assert x == y
+
+
+def test_save_restore_round_trip(tmp_path, trained):
+    model, opt_state = trained
+    key = jax.random.key(1234)
+    metadata = {"data_position": 123, "run": {"name": "a", "tags": [1, 2]}}
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        ckpt.save(7, model, opt_state, key=key, metadata=metadata)
+        assert ckpt.all_steps() == [7] and ckpt.latest_step() == 7
+        restored = ckpt.restore(zeros_like_tree(model), zeros_like_tree(opt_state))
+    assert isinstance(restored, Restored)
+    assert_bitwise_equal(restored.model, model)
+    assert_bitwise_equal(restored.opt_state, opt_state)
+    assert restored.step == 7
+    assert restored.metadata == metadata
+    assert jax.dtypes.issubdtype(restored.key.dtype, jax.dtypes.prng_key)
+    assert jax.random.key_impl(restored.key) == jax.random.key_impl(key)
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(key))
+    np.testing.assert_array_equal(jax.random.normal(restored.key, (3,)), jax.random.normal(key, (3,)))
+
+    # the restored optimizer state keeps training identically
+    tokens = jax.random.randint(jax.random.key(5), (2, 9), 0, TINY["vocab_size"])
+    weights = jnp.ones((2, 8), jnp.float32)
+    expected = train_step(model, opt_state, tokens, weights)
+    assert_bitwise_equal(train_step(restored.model, restored.opt_state, tokens, weights), expected)
+
+
+def test_restore_into_abstract_model_without_opt_state(tmp_path, model):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(0, model, optax.sgd(0.1, momentum=0.9).init(eqx.filter(model, eqx.is_array)))
+        restored = ckpt.restore(abstract_model())
+    assert restored.opt_state is None and restored.key is None and restored.metadata == {}
+    assert_bitwise_equal(restored.model, model)
+
+
+def test_restore_lands_in_like_sharding(tmp_path, model):
+    device = jax.devices()[0]
+    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), ("data",)), jax.sharding.PartitionSpec())
+    like = jtu.tree_map(lambda x: jax.device_put(jnp.zeros_like(x), sharding) if eqx.is_array(x) else x, model)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, model)
+        restored = ckpt.restore(like).model
+    assert all(leaf.sharding == sharding for leaf in array_leaves(restored))
+    assert_bitwise_equal(restored, model)
+
+
+def test_bf16_params_stay_bf16(tmp_path):
+    model = filled_model(0, param_dtype="bfloat16")
+    assert {leaf.dtype for leaf in array_leaves(model)} == {jnp.dtype(jnp.bfloat16)}
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, model)
+        assert_bitwise_equal(ckpt.restore(abstract_model(param_dtype="bfloat16")).model, model)
+        # the like tree's dtype wins: a bf16 checkpoint restores exactly into a float32 model
+        as_f32 = ckpt.restore(abstract_model()).model
+    for x, y in zip(array_leaves(as_f32), array_leaves(model), strict=True):
+        assert x.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y.astype(jnp.float32)))
+
+
+def test_raw_uint32_key_round_trips(tmp_path, model):
+    raw = jax.random.PRNGKey(5)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, model, key=raw)
+        key = ckpt.restore(model).key
+    assert key.dtype == jnp.uint32
+    np.testing.assert_array_equal(key, raw)
+
+
+def test_keeps_last_n(tmp_path, model):
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        for step in range(1, 6):
+            ckpt.save(step, model, metadata={"step": step})
+        assert ckpt.all_steps() == [4, 5]
+        assert ckpt.restore(model, step=4).metadata == {"step": 4}
+    assert sorted(os.listdir(tmp_path)) == ["4", "5"]
+    assert Checkpointer(tmp_path).all_steps() == [4, 5]
+
+
+def test_save_rejects_existing_and_older_steps(tmp_path, model):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(5, model)
+        with pytest.raises(ValueError, match="step 5 already exists"):
+            ckpt.save(5, model)
+        with pytest.raises(ValueError, match="force=True"):
+            ckpt.save(3, model)
+        ckpt.save(3, model, force=True)
+        assert ckpt.all_steps() == [3, 5]
+        with pytest.raises(TypeError, match="JSON"):
+            ckpt.save(6, model, metadata={"bad": object()})
+        assert ckpt.all_steps() == [3, 5]
+
+
+def test_async_save(tmp_path, trained):
+    model, opt_state = trained
+    key = jax.random.key(3)
+    ckpt = Checkpointer(tmp_path, async_save=True)
+    ckpt.save(1, model, opt_state, key=key, metadata={"data_position": 9})
+    ckpt.wait()
+    assert ckpt.all_steps() == [1]
+    assert (tmp_path / "1" / "commit_success.txt").exists()
+    ckpt.close()
+    restored = Checkpointer(tmp_path).restore(model, opt_state)
+    assert_bitwise_equal(restored.model, model)
+    assert_bitwise_equal(restored.opt_state, opt_state)
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(key))
+    assert restored.metadata == {"data_position": 9}
+
+
+_CRASH_CHILD = textwrap.dedent(
+    """
+    import os, signal, sys, threading
+    import numpy as np, optax
+    from orbax.checkpoint._src.path import atomicity
+    from eqx_models.checkpoint import Checkpointer
+    from tests.test_checkpoint import filled_model, step_one_state
+
+    directory, mode = sys.argv[1], sys.argv[2]
+    ckpt = Checkpointer(directory)
+    model, opt_state, key, metadata = step_one_state()
+    ckpt.save(1, model, opt_state, key=key, metadata=metadata)
+
+    def kill():
+        print("killing", flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    if mode == "mid_write":
+        # SIGKILL while the 64 MB array of step 2 is being streamed into its temporary directory
+        data = os.path.join(directory, "2.orbax-checkpoint-tmp", "opt_state.orbax-checkpoint-tmp", "ocdbt.process_0", "d")
+        def watch():
+            while True:
+                try:
+                    sizes = [os.path.getsize(os.path.join(data, name)) for name in os.listdir(data)]
+                except FileNotFoundError:
+                    continue
+                if max(sizes, default=0) >= 4 << 20:
+                    kill()
+        threading.Thread(target=watch, daemon=True).start()
+    else:
+        # SIGKILL after every array is written, just before the rename that commits step 2
+        finalize = atomicity.AtomicRenameTemporaryPath.finalize
+        async def finalize_or_die(self):
+            if self.get_final().name == "2":
+                kill()
+            return await finalize(self)
+        atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+
+    big = {"noise": np.random.default_rng(0).standard_normal(16_000_000, dtype=np.float32)}
+    print("saving", flush=True)
+    ckpt.save(2, filled_model(2), big, metadata={"data_position": 22})
+    print("save finished", flush=True)
+    """
+)
+
+
+def step_one_state():
+    """What the crash test's child process saves as step 1 (deterministic, rebuilt by the parent)."""
+    model = filled_model(1)
+    return model, optax.adamw(1e-3).init(eqx.filter(model, eqx.is_array)), jax.random.key(7), {"data_position": 11}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["mid_write", "before_commit"])
+def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, mode):
+    directory = tmp_path / "ckpt"
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run(
+        [sys.executable, "-c", _CRASH_CHILD, str(directory), mode],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert child.returncode == -signal.SIGKILL, child.stdout + child.stderr
+    assert "saving" in child.stdout and "killing" in child.stdout and "save finished" not in child.stdout
+
+    entries = sorted(os.listdir(directory))
+    assert "2" not in entries and "2.orbax-checkpoint-tmp" in entries, entries
+    partial = directory / "2.orbax-checkpoint-tmp"
+    if mode == "mid_write":
+        data = partial / "opt_state.orbax-checkpoint-tmp" / "ocdbt.process_0" / "d"
+        assert max(path.stat().st_size for path in data.iterdir()) >= 4 << 20
+    else:
+        assert (partial / "opt_state" / "commit_success.txt").exists()
+    assert not (partial / "commit_success.txt").exists()
+
+    ckpt = Checkpointer(directory)
+    assert ckpt.all_steps() == [1] and ckpt.latest_step() == 1
+    model, opt_state, key, metadata = step_one_state()
+    restored = ckpt.restore(abstract_model(), jtu.tree_map(jnp.zeros_like, opt_state))
+    assert_bitwise_equal(restored.model, model)
+    assert_bitwise_equal(restored.opt_state, opt_state)
+    np.testing.assert_array_equal(jax.random.key_data(restored.key), jax.random.key_data(key))
+    assert restored.step == 1 and restored.metadata == metadata
+
+    # saving the interrupted step again replaces the stale temporary directory
+    ckpt.save(2, model, opt_state)
+    assert ckpt.all_steps() == [1, 2]
+    assert "2.orbax-checkpoint-tmp" not in os.listdir(directory)
+    ckpt.close()
+
+
+def test_resumed_training_is_bitwise_identical(tmp_path, model):
+    dataset = jax.random.randint(jax.random.key(11), (12, 9), 0, TINY["vocab_size"])
+    batch_size = 2
+
+    def run(model, opt_state, key, position, steps):
+        losses = []
+        for _ in range(steps):
+            key, mask_key = jax.random.split(key)
+            tokens = dataset[position : position + batch_size]
+            weights = jax.random.bernoulli(mask_key, 0.8, (batch_size, 8)).astype(jnp.float32)
+            model, opt_state, loss = train_step(model, opt_state, tokens, weights)
+            losses.append(float(loss))
+            position += batch_size
+        return model, opt_state, key, position, losses
+
+    opt_state = init_opt_state(model)
+    key = jax.random.key(12)
+    straight = run(model, opt_state, key, 0, 6)
+
+    model_3, opt_state_3, key_3, position_3, first = run(model, opt_state, key, 0, 3)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, model_3, opt_state_3, key=key_3, metadata={"data_position": position_3})
+    del model_3, opt_state_3, key_3
+    restored = Checkpointer(tmp_path).restore(zeros_like_tree(model), init_opt_state(model))
+    assert restored.step == 3
+    resumed = run(restored.model, restored.opt_state, restored.key, restored.metadata["data_position"], 3)
+
+    assert first + resumed[4] == straight[4]
+    assert len(set(straight[4])) == 6
+    assert_bitwise_equal(resumed[0], straight[0])
+    assert_bitwise_equal(resumed[1], straight[1])
+    np.testing.assert_array_equal(jax.random.key_data(resumed[2]), jax.random.key_data(straight[2]))
+
+
+def test_restore_missing_or_empty_directory(tmp_path, model):
+    missing = tmp_path / "nope"
+    ckpt = Checkpointer(missing)
+    assert ckpt.latest_step() is None and ckpt.all_steps() == []
+    with pytest.raises(FileNotFoundError, match="nope"):
+        ckpt.restore(model)
+    assert not missing.exists()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="empty"):
+        Checkpointer(tmp_path / "empty").restore(model)
+
+
+def test_restore_mismatched_model_names_leaves(tmp_path, model):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, model, optax.adamw(1e-3).init(eqx.filter(model, eqx.is_array)))
+        with pytest.raises(ValueError, match=r"shape of \.transformer\.embed\.embedding") as error:
+            ckpt.restore(abstract_model(hidden_size=48))
+        assert ".transformer.norm.scale" in str(error.value)
+        with pytest.raises(ValueError, match=r"missing from checkpoint: \.transformer\.lm_head\.kernel"):
+            ckpt.restore(abstract_model(tie_word_embeddings=False))
+        wider = eqx.filter(abstract_model(hidden_size=48), lambda x: isinstance(x, jax.ShapeDtypeStruct))
+        with pytest.raises(ValueError, match=r"opt_state: shape of \[0\]\.mu\.transformer\.embed\.embedding"):
+            ckpt.restore(model, eqx.filter_eval_shape(optax.adamw(1e-3).init, wider))
+    with Checkpointer(tmp_path / "model_only") as ckpt:
+        ckpt.save(1, model)
+        with pytest.raises(ValueError, match="no optimizer state"):
+            ckpt.restore(model, optax.adamw(1e-3).init(eqx.filter(model, eqx.is_array)))
+
+
+def test_restore_missing_step_lists_available(tmp_path, model):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, model)
+        ckpt.save(4, model)
+        with pytest.raises(ValueError, match=r"step 3 not found.*\[2, 4\]"):
+            ckpt.restore(model, step=3)

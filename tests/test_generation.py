@@ -1,0 +1,383 @@
+"""`eqx_models.generation`: greedy decoding equals HF transformers' `generate` token for token (dense and MoE
+Qwen3, left-padded batch), EOS handling and early exit, sampling filters (`top_k`, `top_p`, temperature) checked
+exactly or statistically on fixed logits, one compiled decode loop, and input validation."""
+
+import inspect
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+
+import eqx_models as em
+import eqx_models.generation as gen
+from eqx_models.generation import generate, sample_token
+
+# The tiny configs of /work/shared/reference/hf/tiny_configs.py (copied, not imported).
+HF_QWEN3 = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    rms_norm_eps=1e-6, max_position_embeddings=512, tie_word_embeddings=False,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    attention_bias=False, attn_implementation="eager",
+)
+HF_QWEN3_MOE = dict(
+    vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+    moe_intermediate_size=32, num_experts=8, num_experts_per_tok=2, norm_topk_prob=True,
+    decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6, max_position_embeddings=512,
+    rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
+    experts_implementation="eager", attn_implementation="eager",
+)
+def _random_model(cfg, seed: int = 0):
+    """Our model with NumPy-random parameters (norm scales 1, every other weight N(0, 0.15^2)), built from
+    `filter_eval_shape`: the real initialiser compiles for seconds even at this size."""
+    cls = em.Qwen3MoeForCausalLM if isinstance(cfg, em.Qwen3MoeConfig) else em.Qwen3ForCausalLM
+    skeleton = eqx.filter_eval_shape(cls, cfg, key=jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if jax.tree_util.keystr(path).endswith(".scale"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(0.15 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, skeleton)
+
+
+MAX_NEW = 14
+PAD = 3  # left padding of row 1
+
+
+def _hf_pair(tmp_path, moe: bool):
+    """HF model saved by HF and loaded by us. Weights N(0, 0.2^2) (`initializer_range=0.2`; HF's 0.02 gives
+    near-uniform logits and a constant greedy output) and norm weights + N(0, 0.3), so greedy decoding is
+    varied and its argmax margins are wide."""
+    cfg_cls, model_cls = (
+        (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM) if moe
+        else (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)
+    )
+    torch.manual_seed(0)
+    hf = model_cls(cfg_cls(**(HF_QWEN3_MOE if moe else HF_QWEN3), initializer_range=0.2)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name:
+                p.add_(0.3 * torch.randn_like(p))
+    hf.save_pretrained(tmp_path)
+    return hf, em.from_pretrained(tmp_path)
+
+
+def _prompt(seed: int = 1, batch: int = 2, seq: int = 9, vocab: int = 256):
+    """Token ids with row 1 left-padded by `PAD` (pad id 0, mask 0), as int64 NumPy."""
+    ids = np.random.default_rng(seed).integers(1, vocab, (batch, seq)).astype(np.int64)
+    mask = np.ones_like(ids)
+    mask[1, :PAD] = 0
+    ids[1, :PAD] = 0
+    return ids, mask
+
+
+def _hf_greedy(hf, ids, mask, max_new):
+    with torch.no_grad():
+        out = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=max_new,
+                          min_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out.numpy()
+
+
+@pytest.fixture(scope="module")
+def dense_pair(tmp_path_factory):
+    return _hf_pair(tmp_path_factory.mktemp("qwen3"), moe=False)
+
+
+@pytest.fixture(scope="module")
+def greedy_run(dense_pair):
+    """Our greedy output on the dense model (prompt + MAX_NEW tokens) and its inputs."""
+    _, ours = dense_pair
+    ids, mask = _prompt()
+    out = np.asarray(generate(ours, jnp.asarray(ids), MAX_NEW, attention_mask=jnp.asarray(mask)))
+    return ours, ids, mask, out
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """A small random model (vocab 64) for sampling and tracing tests."""
+    cfg = em.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                         tie_word_embeddings=False)
+    return _random_model(cfg)
+
+
+@pytest.fixture(scope="module")
+def tiny_greedy(tiny):
+    """A [2, 7] prompt and the tiny model's greedy continuation by 10 tokens."""
+    ids = jnp.asarray(np.random.default_rng(2).integers(0, 64, (2, 7)))
+    return ids, np.asarray(generate(tiny, ids, 10))
+
+
+# ----------------------------------------------------------------------------------------------- HF parity
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("moe", [False, True], ids=["qwen3", "qwen3_moe"])
+def test_greedy_matches_hf_generate(tmp_path, moe):
+    """Greedy `generate` == HF `generate(do_sample=False)` token for token (exact), batch of 2 with a
+    left-padded row, 14 new tokens."""
+    hf, ours = _hf_pair(tmp_path, moe)
+    ids, mask = _prompt()
+    ref = _hf_greedy(hf, ids, mask, MAX_NEW)
+    out = np.asarray(generate(ours, jnp.asarray(ids), MAX_NEW, attention_mask=jnp.asarray(mask)))
+    assert out.shape == ref.shape == (2, ids.shape[1] + MAX_NEW)
+    assert out.dtype == np.int32
+    np.testing.assert_array_equal(out[:, : ids.shape[1]], ids)
+    assert len(set(out[0, ids.shape[1]:].tolist())) > 3, "degenerate greedy output: the test would be weak"
+    np.testing.assert_array_equal(out, ref)
+
+
+@pytest.mark.slow
+def test_left_padding_is_invisible(greedy_run):
+    """The left-padded row decodes exactly as the same prompt without padding, alone in its batch (exact)."""
+    ours, ids, _, out = greedy_run
+    alone = np.asarray(generate(ours, jnp.asarray(ids[1:, PAD:]), MAX_NEW))
+    np.testing.assert_array_equal(alone[0], out[1, PAD:])
+
+
+# ----------------------------------------------------------------------------------------------------- EOS
+
+
+def _truncate_at_eos(tokens: np.ndarray, eos: set[int]) -> np.ndarray:
+    """Reference: each row up to and including its first EOS, then that EOS repeated."""
+    tokens = tokens.copy()
+    for row in tokens:
+        hits = [i for i, t in enumerate(row) if int(t) in eos]
+        if hits:
+            row[hits[0]:] = row[hits[0]]
+    return tokens
+
+
+def _first_new_token_index(row: np.ndarray, lo: int, hi: int) -> int:
+    """The first index in [lo, hi) whose token does not occur earlier in the row."""
+    for i in range(lo, hi):
+        if int(row[i]) not in set(row[:i].tolist()):
+            return i
+    pytest.fail(f"greedy output {row} has no fresh token in [{lo}, {hi})")
+
+
+class _ForwardCounter:
+    """Monkeypatches the model class's `forward` to count trace-time (Python) calls and run-time executions
+    (through `jax.debug.callback`, which fires on every while-loop iteration)."""
+
+    def __init__(self, monkeypatch, model):
+        self.traced, self.executed = 0, []
+        original = type(model).forward
+
+        def forward(this, input_ids, *args, **kwargs):
+            self.traced += 1
+            jax.debug.callback(lambda x: self.executed.append(x.shape), input_ids)
+            return original(this, input_ids, *args, **kwargs)
+
+        monkeypatch.setattr(type(model), "forward", forward)
+
+    def runs(self) -> int:
+        jax.effects_barrier()
+        return len(self.executed)
+
+
+@pytest.mark.slow
+def test_eos_repeats_and_prefix_equals_greedy(greedy_run):
+    """With `eos_token_id` = a token greedy emits mid-way, each row equals the greedy run up to its first EOS
+    and repeats EOS afterwards (exact); int and list forms agree."""
+    ours, ids, mask, out = greedy_run
+    prompt = ids.shape[1]
+    new = out[:, prompt:]
+    j = _first_new_token_index(new[0], 4, MAX_NEW - 3)
+    eos = int(new[0, j])
+    got = np.asarray(generate(ours, jnp.asarray(ids), MAX_NEW, attention_mask=jnp.asarray(mask), eos_token_id=eos))
+    assert got.shape == out.shape
+    expected = _truncate_at_eos(new, {eos})
+    np.testing.assert_array_equal(got[:, :prompt], ids)
+    np.testing.assert_array_equal(got[:, prompt:], expected)
+    assert (got[0, prompt + j:] == eos).all() and (got[0, prompt:prompt + j] != eos).all()
+    as_list = generate(ours, jnp.asarray(ids), MAX_NEW, attention_mask=jnp.asarray(mask), eos_token_id=[eos])
+    np.testing.assert_array_equal(np.asarray(as_list), got)
+
+
+@pytest.mark.slow
+def test_loop_stops_when_all_rows_done(greedy_run, monkeypatch):
+    """Once every row has emitted an EOS the decode loop exits: the forward pass runs `1 + f` times (prefill +
+    `f` steps, `f` = the last row's first EOS index) instead of `MAX_NEW`; the output keeps its full shape."""
+    ours, ids, mask, out = greedy_run
+    prompt = ids.shape[1]
+    new = out[:, prompt:]
+    eos = {int(new[r, _first_new_token_index(new[r], 2, MAX_NEW - 5)]) for r in range(2)}
+    expected = _truncate_at_eos(new, eos)
+    finish = max(min(i for i, t in enumerate(row) if int(t) in eos) for row in new)
+    assert finish < MAX_NEW - 2
+
+    counter = _ForwardCounter(monkeypatch, ours)
+    # a prompt length no other test uses, so this compiles afresh with the counting forward
+    ids2, mask2 = np.concatenate([np.zeros((2, 1), np.int64), ids], 1), np.concatenate([np.zeros((2, 1)), mask], 1)
+    baseline = np.asarray(generate(ours, jnp.asarray(ids2), MAX_NEW, attention_mask=jnp.asarray(mask2, jnp.int32)))
+    np.testing.assert_array_equal(baseline[:, 1:], out)  # extra left padding changes nothing
+    assert counter.runs() == MAX_NEW
+    counter.executed.clear()
+    got = np.asarray(generate(ours, jnp.asarray(ids2), MAX_NEW, attention_mask=jnp.asarray(mask2, jnp.int32),
+                              eos_token_id=sorted(eos)))
+    assert got.shape == (2, prompt + 1 + MAX_NEW)
+    np.testing.assert_array_equal(got[:, prompt + 1:], expected)
+    assert counter.runs() == 1 + finish
+
+
+def test_eos_on_first_token_skips_the_loop(tiny, tiny_greedy, monkeypatch):
+    """If every row's first token is an EOS the loop body never runs (1 forward execution) and the whole
+    continuation is that EOS."""
+    ids, greedy = tiny_greedy
+    first = greedy[:, ids.shape[1]]
+    counter = _ForwardCounter(monkeypatch, tiny)
+    got = np.asarray(generate(tiny, ids, 9, eos_token_id=[int(t) for t in first]))
+    assert got.shape == (2, ids.shape[1] + 9)
+    np.testing.assert_array_equal(got[:, ids.shape[1]:], np.repeat(first[:, None], 9, axis=1))
+    assert counter.runs() == 1
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+
+
+@pytest.mark.slow
+def test_sampling_is_keyed(tiny, tiny_greedy):
+    """temperature > 0: the same key gives the same tokens (exact), different keys different ones, without
+    recompiling; top_k=1 and a tiny top_p reduce to greedy (exact)."""
+    ids, greedy = tiny_greedy
+    sample = lambda k, **kw: np.asarray(generate(tiny, ids, 10, 1.0, jax.random.key(k), **kw))  # noqa: E731
+    a = sample(0)
+    size = gen._generate._cached._cache_size()
+    b, c = sample(0), sample(1)
+    assert gen._generate._cached._cache_size() == size
+    np.testing.assert_array_equal(a, b)
+    assert (a != c).any()
+    assert (a != greedy).any()
+    np.testing.assert_array_equal(sample(3, top_k=1), greedy)
+    np.testing.assert_array_equal(sample(4, top_p=1e-6), greedy)
+
+
+def _draws(logits: np.ndarray, n: int, **kwargs) -> np.ndarray:
+    """`n` samples of `sample_token` on a `[1, vocab]` row, one key each."""
+    keys = jax.random.split(jax.random.key(0), n)
+    fn = jax.jit(jax.vmap(lambda k: sample_token(jnp.asarray(logits, jnp.float32)[None], k, **kwargs)[0]))
+    return np.asarray(fn(keys))
+
+
+def _check_frequencies(draws: np.ndarray, probs: np.ndarray):
+    """Empirical frequencies within 5 binomial standard deviations (+ 0.005) of `probs`; zero-probability
+    tokens never drawn."""
+    n = len(draws)
+    freq = np.bincount(draws, minlength=len(probs)) / n
+    assert (freq[probs == 0] == 0).all(), f"drew excluded tokens: {np.nonzero(freq * (probs == 0))[0]}"
+    sigma = np.sqrt(probs * (1 - probs) / n)
+    assert np.all(np.abs(freq - probs) <= 5 * sigma + 5e-3), (freq, probs)
+
+
+def test_sample_token_top_k_restricts_to_k_best():
+    """top_k=3 at temperature 0.7: draws (4000 keys) fall only on the 3 largest logits, with frequencies
+    softmax(top-3 logits / 0.7) (5 sigma)."""
+    logits = np.array([0.3, 2.0, -1.0, 1.5, 0.1, 1.7, -0.5, 0.9, 1.6])
+    draws = _draws(logits, 4000, temperature=0.7, top_k=3)
+    top = np.argsort(logits)[-3:]
+    probs = np.zeros_like(logits)
+    probs[top] = np.exp(logits[top] / 0.7) / np.exp(logits[top] / 0.7).sum()
+    _check_frequencies(draws, probs)
+
+
+def test_sample_token_temperature_only():
+    """No filters: draws follow softmax(logits / T) for T = 1.5 (4000 keys, 5 sigma)."""
+    logits = np.array([0.3, 2.0, -1.0, 1.5, 0.1])
+    draws = _draws(logits, 4000, temperature=1.5)
+    probs = np.exp(logits / 1.5) / np.exp(logits / 1.5).sum()
+    _check_frequencies(draws, probs)
+
+
+@pytest.mark.parametrize(("top_p", "kept"), [(0.3, [1]), (0.6, [1, 3]), (0.7, [1, 3, 4]), (0.97, [0, 1, 2, 3, 4])])
+def test_sample_token_top_p_keeps_smallest_prefix(top_p, kept):
+    """Probabilities [.05, .40, .10, .25, .20]: top_p keeps the smallest most-probable set whose mass reaches
+    top_p (0.3 -> {1}, 0.6 -> {1, 3}, 0.7 -> {1, 3, 4}), renormalised (4000 keys, 5 sigma)."""
+    probs = np.array([0.05, 0.40, 0.10, 0.25, 0.20])
+    draws = _draws(np.log(probs), 4000, temperature=1.0, top_p=top_p)
+    expected = np.zeros_like(probs)
+    expected[kept] = probs[kept] / probs[kept].sum()
+    _check_frequencies(draws, expected)
+
+
+def test_sample_token_greedy_and_dtype():
+    """temperature 0 is argmax per row (exact), int32, no key needed."""
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((3, 11)), jnp.float32)
+    out = sample_token(logits, None)
+    assert out.dtype == jnp.int32 and out.shape == (3,)
+    np.testing.assert_array_equal(np.asarray(out), np.argmax(np.asarray(logits), -1))
+
+
+# ------------------------------------------------------------------------------------------------- tracing
+
+
+def test_one_compiled_loop(tiny, monkeypatch):
+    """The model's forward is traced twice per compilation (prefill + loop body) whatever `max_new_tokens` is,
+    and a second call with the same shapes and options neither retraces nor grows the jit cache."""
+    counter = _ForwardCounter(monkeypatch, tiny)
+    rng = np.random.default_rng(3)
+    ids = jnp.asarray(rng.integers(0, 64, (3, 11)))  # a shape no other test uses
+    generate(tiny, ids, 4).block_until_ready()
+    assert counter.traced == 2
+    generate(tiny, ids, 16).block_until_ready()
+    assert counter.traced == 4
+    size = gen._generate._cached._cache_size()
+    again = generate(tiny, jnp.asarray(rng.integers(0, 64, (3, 11))), 16)
+    again.block_until_ready()
+    assert counter.traced == 4
+    assert gen._generate._cached._cache_size() == size
+
+
+# ------------------------------------------------------------------------------------------------- errors
+
+
+def _unchecked(fn):
+    """`fn` without the jaxtyping/beartype wrapper the test suite's import hook adds, so we see our own
+    validation rather than the annotation check (which users without the hook do not have)."""
+    return inspect.unwrap(fn)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        (dict(input_ids=jnp.zeros((2, 5), jnp.float32)), "input_ids must be integer"),
+        (dict(input_ids=jnp.zeros((5,), jnp.int32)), "input_ids must be integer"),
+        (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
+        (dict(max_new_tokens=-3), "max_new_tokens must be a positive int"),
+        (dict(temperature=-0.5, key=jax.random.key(0)), "temperature must be >= 0"),
+        (dict(temperature=0.7), "needs a PRNG key"),
+        (dict(top_k=0), "top_k must be in"),
+        (dict(top_k=65), "top_k must be in"),
+        (dict(top_p=1.5), "top_p must be in"),
+        (dict(top_p=0.0), "top_p must be in"),
+        (dict(attention_mask=jnp.ones((2, 4), jnp.int32)), "attention_mask .* must match input_ids"),
+    ],
+    ids=["float-ids", "1d-ids", "max-new-0", "max-new-neg", "neg-temperature", "no-key", "top-k-0",
+         "top-k-too-big", "top-p-1.5", "top-p-0", "mask-shape"],
+)
+def test_bad_input_raises(tiny, kwargs, message):
+    """Invalid arguments raise ValueError naming the problem, before anything is traced."""
+    args = dict(input_ids=jnp.zeros((2, 5), jnp.int32), max_new_tokens=3, **{})
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        _unchecked(generate)(tiny, **args)
+
+
+def test_bad_input_raises_under_the_type_hook(tiny):
+    """With the jaxtyping hook active, wrongly typed or shaped arrays still fail loudly (a ValueError from
+    us or the hook's TypeCheckError), never silently decode."""
+    from jaxtyping import TypeCheckError
+
+    with pytest.raises((ValueError, TypeCheckError)):
+        generate(tiny, jnp.zeros((2, 5), jnp.float32), 3)
+    with pytest.raises((ValueError, TypeCheckError)):
+        generate(tiny, jnp.zeros((2, 5), jnp.int32), 3, attention_mask=jnp.ones((2, 4), jnp.int32))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        generate(tiny, jnp.zeros((2, 5), jnp.int32), 0)

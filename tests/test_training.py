@@ -1,0 +1,490 @@
+"""`eqx_models.training`: the chunked LM-head loss equals a naive full-logits loss in value (1e-6 relative) and
+gradient (1e-5), next-token targets match a NumPy reference, z-loss / MoE aux / MTP terms are added as
+documented, and the train step trains (loss falls, gradient accumulation == one full batch, mixed precision keeps
+float32 master weights, donation); `make_optimizer`'s warm-up + cosine schedule matches its formula."""
+
+import math
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import eqx_models as em
+from eqx_models.training import chunked_cross_entropy, lm_loss, make_optimizer, make_train_step, next_token_targets
+from tests.reference import assert_close
+
+VOCAB, SEQ = 64, 21
+TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=8, max_position_embeddings=128, tie_word_embeddings=False)
+TINY_MOE = dict(TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
+                router_aux_loss_coef=0.5)
+
+
+def _random_model(cfg, seed: int = 0):
+    """Our model with NumPy-random parameters (norm scales 1, every other weight N(0, 0.15^2)), built from
+    `filter_eval_shape`: the real initialiser compiles for seconds even at this size."""
+    cls = em.Qwen3MoeForCausalLM if isinstance(cfg, em.Qwen3MoeConfig) else em.Qwen3ForCausalLM
+    skeleton = eqx.filter_eval_shape(cls, cfg, key=jax.random.key(0))
+    rng = np.random.default_rng(seed)
+
+    def fill(path, leaf):
+        if jax.tree_util.keystr(path).endswith(".scale"):
+            return jnp.ones(leaf.shape, leaf.dtype)
+        return jnp.asarray(0.15 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(fill, skeleton)
+
+
+def _segments() -> np.ndarray:
+    """[4, SEQ] segment ids: one full row, one left-padded, one packed (3 docs) with right padding, one
+    with a single-token document between two others."""
+    seg = np.ones((4, SEQ), np.int32)
+    seg[1, :6] = 0
+    seg[2, 7:15], seg[2, 15:18], seg[2, 18:] = 2, 3, 0
+    seg[3, 9], seg[3, 10:] = 2, 3
+    return seg
+
+
+def _batch(seed: int = 1, seg: np.ndarray | None = None) -> dict:
+    seg = _segments() if seg is None else seg
+    ids = np.random.default_rng(seed).integers(0, VOCAB, seg.shape).astype(np.int32)
+    return {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(seg)}
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _random_model(em.Qwen3Config(**TINY))
+
+
+def _grad_leaves(grads):
+    return jax.tree_util.tree_leaves_with_path(eqx.filter(grads, eqx.is_inexact_array))
+
+
+# ----------------------------------------------------------------------------------------- targets
+
+
+def _np_targets(ids: np.ndarray, seg: np.ndarray, shift: int):
+    """Reference: the target at t is ids[t + shift], valid iff t + shift < seq and tokens t..t+shift share
+    one non-padding segment."""
+    batch, seq = ids.shape
+    valid = np.zeros((batch, seq), bool)
+    targets = np.zeros((batch, seq), ids.dtype)
+    for b in range(batch):
+        for t in range(seq - shift):
+            targets[b, t] = ids[b, t + shift]
+            valid[b, t] = seg[b, t] > 0 and (seg[b, t: t + shift + 1] == seg[b, t]).all()
+    return targets, valid
+
+
+def _check_targets(ids, seg, shift):
+    targets, valid = next_token_targets(jnp.asarray(ids), jnp.asarray(seg), shift=shift)
+    ref_targets, ref_valid = _np_targets(ids, seg, shift)
+    np.testing.assert_array_equal(np.asarray(valid), ref_valid)
+    np.testing.assert_array_equal(np.asarray(targets)[ref_valid], ref_targets[ref_valid])
+    targets = np.asarray(targets)
+    assert ((targets >= 0) & (targets < VOCAB)).all(), "invalid positions must still hold gatherable ids"
+
+
+@pytest.mark.parametrize("shift", [1, 2, 3])
+def test_next_token_targets_packed_and_padded(shift):
+    """Exact equality with the NumPy reference on packed, left- and right-padded rows."""
+    batch = _batch()
+    _check_targets(np.asarray(batch["input_ids"]), _segments(), shift)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(0, 3), min_size=12, max_size=12), st.integers(1, 2), st.integers(0, 2**31 - 1))
+def test_next_token_targets_random_layouts(seg_row, shift, seed):
+    """Exact equality with the NumPy reference for arbitrary segment-id rows (including id reuse and
+    interior padding)."""
+    seg = np.array([seg_row, sorted(seg_row)], np.int32)
+    ids = np.random.default_rng(seed).integers(0, VOCAB, seg.shape).astype(np.int32)
+    _check_targets(ids, seg, shift)
+
+
+# --------------------------------------------------------------------------------- chunked loss
+
+
+def _np_xent(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray):
+    """float64 (sum of masked cross-entropies, sum of masked lse^2, lse)."""
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+    tgt = np.take_along_axis(logits, targets[..., None].astype(np.int64), -1)[..., 0]
+    return ((lse - tgt) * mask).sum(), (lse * lse * mask).sum(), lse
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 21, 64])
+def test_chunked_cross_entropy_value_and_grad(chunk):
+    """`chunked_cross_entropy` with a linear head: both sums equal float64 NumPy (1e-6 relative) and the
+    gradients wrt hidden and head equal the unchunked JAX loss (1e-5), for chunks that do and do not divide seq."""
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((3, SEQ, 16)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((16, VOCAB)) * 0.5, jnp.float32)
+    targets = jnp.asarray(rng.integers(0, VOCAB, (3, SEQ)), jnp.int32)
+    mask = jnp.asarray(rng.random((3, SEQ)) < 0.7)
+
+    def chunked(h, w):
+        xent, z = chunked_cross_entropy(lambda x: x @ w, h, targets, mask, chunk_size=chunk)
+        return xent + 0.1 * z, (xent, z)
+
+    def naive(h, w):
+        logits = h @ w
+        lse = jax.nn.logsumexp(logits, -1)
+        tgt = jnp.take_along_axis(logits, targets[..., None], -1)[..., 0]
+        m = mask.astype(jnp.float32)
+        return jnp.sum((lse - tgt) * m) + 0.1 * jnp.sum(lse * lse * m)
+
+    (_, (xent, z)), grads = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(hidden, head)
+    ref_grads = jax.grad(naive, argnums=(0, 1))(hidden, head)
+    ref_xent, ref_z, _ = _np_xent(np.asarray(hidden) @ np.asarray(head), np.asarray(targets), np.asarray(mask))
+    assert_close(xent, ref_xent, 1e-6, f"xent sum, chunk {chunk}")
+    assert_close(z, ref_z, 1e-6, f"lse^2 sum, chunk {chunk}")
+    for name, g, r in zip(("d hidden", "d head"), grads, ref_grads):
+        assert_close(g, r, 1e-5, f"{name}, chunk {chunk}")
+
+
+def _naive_lm_loss(model, batch, shift=1, hidden=None):
+    """Mean next-token cross-entropy over valid targets from full float32 logits (no chunking)."""
+    if hidden is None:
+        hidden = model.forward(batch["input_ids"], None, batch["segment_ids"]).hidden
+    targets, mask = next_token_targets(batch["input_ids"], batch["segment_ids"], shift=shift)
+    logp = jax.nn.log_softmax(model.logits(hidden))
+    nll = -jnp.take_along_axis(logp, targets[..., None], -1)[..., 0]
+    mask = mask.astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.sum(mask)
+
+
+@pytest.fixture(scope="module")
+def sgd_steps():
+    """SGD(lr=1) train steps (update = -grad) with grad_accum_steps 1 and 2 and loss chunk size 4, compiled
+    once for the module."""
+    opt = optax.sgd(1.0)
+    return opt, {accum: make_train_step(opt, grad_accum_steps=accum, chunk_size=4) for accum in (1, 2)}
+
+
+def _sgd_step(sgd_steps, model, batch, accum):
+    """One SGD(lr=1) step; returns (parameter delta = -grad, metrics)."""
+    opt, steps = sgd_steps
+    m = _copy(model)
+    before = jax.tree.map(np.asarray, _params(m))
+    new, _, metrics = steps[accum](m, opt.init(_params(m)), batch, jax.random.key(7))
+    delta = jax.tree.map(lambda a, b: np.asarray(a) - b, _params(new), before)
+    return delta, metrics
+
+
+@pytest.mark.slow
+def test_lm_loss_equals_naive_loss(sgd_steps, model):
+    """`lm_loss` (chunk size 4, not dividing 21) inside `make_train_step` with SGD(lr=1): the loss equals the
+    naive full-logits loss (1e-6 relative) and the update equals minus its gradient, leaf by leaf (1e-5
+    relative to the leaf's scale), on a packed + padded batch. Other chunk sizes are covered on
+    `chunked_cross_entropy` directly."""
+    batch = _batch()
+    ref, ref_grads = eqx.filter_jit(eqx.filter_value_and_grad(_naive_lm_loss))(model, batch)
+    delta, metrics = _sgd_step(sgd_steps, model, batch, 1)
+    assert_close(metrics["loss"], ref, 1e-6, "loss")
+    assert_close(metrics["cross_entropy"], ref, 1e-6, "cross_entropy metric")
+    assert float(metrics["tokens"]) == np.sum(np.asarray(next_token_targets(batch["input_ids"],
+                                                                            batch["segment_ids"])[1]))
+    for (path, d), (_, r) in zip(jax.tree_util.tree_leaves_with_path(delta), _grad_leaves(ref_grads), strict=True):
+        assert_close(-d, r, 1e-5, f"grad {jax.tree_util.keystr(path)}")
+
+
+def test_lm_loss_jit_closure_and_default_segments(model):
+    """`lm_loss` traced with the batch closed over (a constant, not an argument), as in
+    `jax.jit(lambda m: lm_loss(m, batch))`, and without `segment_ids`, equals the eager loss with
+    segment_ids = 1 everywhere (1e-6)."""
+    ids = _batch()["input_ids"]
+    eager = lm_loss(model, {"input_ids": ids, "segment_ids": jnp.ones_like(ids)}, inference=True)[0]
+    jitted = eqx.filter_jit(lambda m: lm_loss(m, {"input_ids": ids}, inference=True)[0])(model)
+    assert_close(jitted, eager, 1e-6, "jit with closed-over batch, default segments vs eager")
+
+
+def test_z_loss(model):
+    """`lm_loss(z_loss=z)` = cross-entropy + z * mean over valid targets of logsumexp(logits)^2, both
+    recomputed in float64 NumPy from the full logits (1e-5 relative)."""
+    batch = _batch()
+    z = 1e-2
+
+    @eqx.filter_jit
+    def run(m, b):
+        return lm_loss(m, b, z_loss=z, inference=True), m(b["input_ids"], None, b["segment_ids"])
+
+    (loss, metrics), logits = run(model, batch)
+    targets, mask = (np.asarray(x) for x in next_token_targets(batch["input_ids"], batch["segment_ids"]))
+    xent, zsum, _ = _np_xent(np.asarray(logits), targets, mask)
+    count = mask.sum()
+    assert_close(metrics["cross_entropy"], xent / count, 1e-5, "cross-entropy vs NumPy")
+    assert_close(loss, xent / count + z * zsum / count, 1e-5, "loss with z-loss vs NumPy")
+    assert_close(loss - metrics["cross_entropy"], z * zsum / count, 1e-4, "z-loss term alone")
+
+
+@pytest.mark.slow
+def test_moe_loss_adds_router_aux_loss():
+    """MoE model: metrics carry `moe_aux_loss` = `model.aux_loss(forward stats)` (1e-6) and loss =
+    cross-entropy + router_aux_loss_coef * aux (1e-6); cross-entropy equals the naive loss (1e-6)."""
+    cfg = em.Qwen3MoeConfig(**TINY_MOE)
+
+    @eqx.filter_jit
+    def run(moe, b):
+        out = moe.forward(b["input_ids"], None, b["segment_ids"])
+        return lm_loss(moe, b, inference=True), moe.aux_loss(out.stats), _naive_lm_loss(moe, b, hidden=out.hidden)
+
+    (loss, metrics), aux, naive = run(_random_model(cfg, seed=1), _batch())
+    assert float(aux) > 0.5  # E * sum f_e p_e is ~1 for balanced routing
+    assert_close(metrics["moe_aux_loss"], aux, 1e-6, "moe_aux_loss metric")
+    assert_close(metrics["cross_entropy"], naive, 1e-6, "MoE cross-entropy")
+    assert_close(loss, metrics["cross_entropy"] + cfg.router_aux_loss_coef * aux, 1e-6, "loss = ce + coef * aux")
+
+
+@pytest.mark.slow
+def test_mtp_loss():
+    """MTP model (2 depths) vs a plain model with the same main weights: final hidden states and logits are
+    equal (1e-6); metrics hold `mtp_loss` = token-weighted mean of the depth-k cross-entropies on targets
+    k+1 ahead (naive, 1e-6); ce equals the plain model's naive loss (1e-6); loss = ce + 0.1 * mtp (1e-6)."""
+    mtp_cfg = em.Qwen3Config(**TINY, mtp_num_layers=2)
+    model = _random_model(em.Qwen3Config(**TINY), seed=3)
+    main = lambda m: (m.transformer.embed, m.transformer.blocks, m.transformer.norm, m.transformer.lm_head)  # noqa: E731
+    mtp = eqx.tree_at(main, _random_model(mtp_cfg, seed=4), main(model))
+    batch = _batch()
+    ids, seg = batch["input_ids"], batch["segment_ids"]
+
+    @eqx.filter_jit
+    def run(mtp, model, b):
+        out = mtp.forward(b["input_ids"], None, b["segment_ids"], inference=False)
+        plain = model.forward(b["input_ids"], None, b["segment_ids"])
+        naive_mtp = [_naive_lm_loss(mtp, b, shift=d + 1, hidden=h) for d, h in enumerate(out.mtp_hidden, start=1)]
+        return (out, plain, mtp.logits(out.hidden), model.logits(plain.hidden), lm_loss(mtp, b),
+                _naive_lm_loss(model, b, hidden=plain.hidden), naive_mtp)
+
+    out, plain, logits, plain_logits, (loss, metrics), naive, naive_mtp = run(mtp, model, batch)
+    assert_close(out.hidden, plain.hidden, 1e-6, "final hidden with vs without MTP")
+    assert_close(logits, plain_logits, 1e-6, "logits with vs without MTP")
+    assert len(out.mtp_hidden) == len(naive_mtp) == 2
+    assert "mtp_loss" in metrics
+    assert_close(metrics["cross_entropy"], naive, 1e-6, "main ce unchanged by MTP")
+    counts = [float(jnp.sum(next_token_targets(ids, seg, shift=d + 1)[1])) for d in (1, 2)]
+    expected = sum(float(x) * n for x, n in zip(naive_mtp, counts)) / sum(counts)
+    assert_close(metrics["mtp_loss"], expected, 1e-6, "mtp_loss vs naive")
+    assert mtp_cfg.mtp_loss_scaling_factor == 0.1
+    assert_close(loss, metrics["cross_entropy"] + 0.1 * metrics["mtp_loss"], 1e-6, "loss = ce + 0.1 * mtp")
+
+
+# ----------------------------------------------------------------------------------------- train step
+
+
+def _standard_promotion(opt: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`opt` traced under standard dtype promotion: optax's Adam bias correction computes
+    `float ** int32 count`, which the suite's strict promotion rejects. The model stays strict."""
+
+    def init(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return opt.init(params)
+
+    def update(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return opt.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _optimizer(*args, **kwargs) -> optax.GradientTransformation:
+    return _standard_promotion(make_optimizer(*args, **kwargs))
+
+
+def _standard_promotion(opt: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`opt` traced under standard dtype promotion: optax's Adam bias correction computes
+    `float ** int32 count`, which the suite's strict promotion rejects. The model stays strict."""
+
+    def init(params):
+        with jax.numpy_dtype_promotion("standard"):
+            return opt.init(params)
+
+    def update(updates, state, params=None):
+        with jax.numpy_dtype_promotion("standard"):
+            return opt.update(updates, state, params)
+
+    return optax.GradientTransformation(init, update)
+
+
+def _optimizer(*args, **kwargs) -> optax.GradientTransformation:
+    return _standard_promotion(make_optimizer(*args, **kwargs))
+
+
+def _copy(tree):
+    """Fresh buffers for every array (train steps donate their model and optimizer state)."""
+    return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)
+
+
+def _params(tree):
+    return eqx.filter(tree, eqx.is_inexact_array)
+
+
+@pytest.fixture(scope="module")
+def trained(model):
+    """30 AdamW steps on one fixed packed/padded batch; records losses and donation state after step 1."""
+    batch = _batch()
+    opt = _optimizer(3e-3, total_steps=30, warmup_steps=3)
+    m = _copy(model)
+    state = opt.init(_params(m))
+    step = make_train_step(opt)
+    key = jax.random.key(2)
+    losses, record = [], {}
+    for i in range(30):
+        previous = m
+        m, state, metrics = step(m, state, batch, key)
+        if i == 0:
+            record["old_deleted"] = [leaf.is_deleted() for leaf in jax.tree.leaves(_params(previous))]
+            record["batch_deleted"] = [x.is_deleted() for x in batch.values()]
+            record["key_deleted"] = key.is_deleted()
+            record["metrics"] = metrics
+        losses.append(float(metrics["loss"]))
+    return losses, record, m
+
+
+@pytest.mark.slow
+def test_train_step_reduces_loss(trained):
+    """30 steps on a fixed batch: loss falls below 60% of its start, monotone at the end, all finite."""
+    losses, record, _ = trained
+    print("losses", losses[0], losses[9], losses[-1])
+    assert np.isfinite(losses).all()
+    assert losses[-1] < 0.6 * losses[0]
+    assert losses[-1] < losses[-10]
+    assert {"loss", "cross_entropy", "tokens", "grad_norm"} <= set(record["metrics"])
+
+
+@pytest.mark.slow
+def test_train_step_donates_model_not_batch(trained):
+    """After a step the previous model's parameter buffers are donated (deleted); the batch and the key are
+    not, so a fixed batch and a reused key keep working (no donation warning either: warnings are errors)."""
+    _, record, _ = trained
+    assert all(record["old_deleted"]), "model parameters were not donated"
+    assert not any(record["batch_deleted"])
+    assert not record["key_deleted"]
+
+
+def _check_same_update(sgd_steps, model, batch):
+    full, full_metrics = _sgd_step(sgd_steps, model, batch, 1)
+    accum, accum_metrics = _sgd_step(sgd_steps, model, batch, 2)
+    assert_close(accum_metrics["loss"], full_metrics["loss"], 1e-6, "loss, accum 2 vs full batch")
+    for (path, a), (_, f) in zip(jax.tree_util.tree_leaves_with_path(accum),
+                                 jax.tree_util.tree_leaves_with_path(full), strict=True):
+        assert_close(a, f, 1e-5, f"update {jax.tree_util.keystr(path)}, accum 2 vs full batch")
+
+
+@pytest.mark.slow
+def test_grad_accumulation_equals_full_batch(sgd_steps, model):
+    """grad_accum_steps=2 gives the full-batch update (SGD, so update = -grad; 1e-5 relative per leaf) and
+    loss (1e-6) when both micro-batches hold the same number of target tokens."""
+    seg = np.ones((4, SEQ), np.int32)
+    seg[0, 11:] = 2  # packed, same token count as row 2
+    seg[2, :10] = 3
+    _check_same_update(sgd_steps, model, _batch(seg=seg))
+
+
+@pytest.mark.slow
+def test_grad_accumulation_equals_full_batch_uneven_tokens(sgd_steps, model):
+    """grad_accum_steps=2 with micro-batches of different target-token counts (rows 0-1: 20 + 14, rows 2-3:
+    4 + 4 targets) still gives the full-batch update (1e-5) and loss (1e-6): the per-token mean is over the
+    whole batch, as in MaxText's gradient accumulation (token-weighted), not a mean of micro-batch means."""
+    seg = np.zeros((4, SEQ), np.int32)
+    seg[0, :] = 1
+    seg[1, 6:] = 1
+    seg[2, 16:] = 1
+    seg[3, :5] = 1
+    _check_same_update(sgd_steps, model, _batch(seg=seg))
+
+
+def test_grad_accumulation_bad_batch(model):
+    """A batch not divisible by grad_accum_steps, or grad_accum_steps < 1, raises ValueError."""
+    opt = optax.sgd(1.0)
+    m = _copy(model)
+    step = make_train_step(opt, grad_accum_steps=3)
+    with pytest.raises(ValueError, match="not divisible by grad_accum_steps"):
+        step(m, opt.init(_params(m)), _batch(), jax.random.key(0))
+    with pytest.raises(ValueError, match="grad_accum_steps must be >= 1"):
+        make_train_step(opt, grad_accum_steps=0)
+
+
+@pytest.mark.slow
+def test_mixed_precision_keeps_float32_params():
+    """dtype=bfloat16 compute with param_dtype=float32: 6 steps run, loss is finite and falls, parameters and
+    Adam moments stay float32, the loss is float32."""
+    cfg = em.Qwen3Config(**TINY, dtype="bfloat16", param_dtype="float32")
+    m = _random_model(cfg)
+    batch = _batch()
+    opt = _optimizer(3e-3, total_steps=6, warmup_steps=1)
+    state = opt.init(_params(m))
+    step = make_train_step(opt)
+    losses = []
+    for i in range(6):
+        m, state, metrics = step(m, state, batch, jax.random.key(i))
+        losses.append(float(metrics["loss"]))
+    assert np.isfinite(losses).all() and losses[-1] < losses[0]
+    assert {leaf.dtype for leaf in jax.tree.leaves(_params(m))} == {jnp.dtype(jnp.float32)}
+    assert metrics["loss"].dtype == jnp.float32
+    assert {leaf.dtype for leaf in jax.tree.leaves(state) if jnp.issubdtype(leaf.dtype, jnp.floating)} == {
+        jnp.dtype(jnp.float32)}
+
+
+# ----------------------------------------------------------------------------------------- optimizer
+
+
+def _expected_lr(step: int, peak: float, warmup: int, total: int) -> float:
+    """Linear warm-up 0 -> peak over `warmup` steps, then cosine peak -> peak / 10 at `total`, then flat."""
+    if step < warmup:
+        return peak * step / warmup
+    progress = min((step - warmup) / (total - warmup), 1.0)
+    end = 0.1 * peak
+    return end + (peak - end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def _observed_lrs(opt, steps: int, grad: float = 1.0, param: float = 0.0) -> np.ndarray:
+    """Update magnitudes under a constant gradient: Adam's bias-corrected m/sqrt(v) is exactly 1, so
+    |update| is the learning rate (up to eps = 1e-8 relative)."""
+    params = {"w": jnp.full((3,), param, jnp.float32)}
+    state = opt.init(params)
+    grads = {"w": jnp.full((3,), grad, jnp.float32)}
+    out = []
+    for _ in range(steps):
+        updates, state = opt.update(grads, state, params)
+        out.append(-float(updates["w"][0]))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("max_grad_norm", [None, 1.0])
+def test_schedule_warmup_then_cosine(max_grad_norm):
+    """Learning rate per step (read off AdamW updates) = linear warm-up over 5 steps then cosine to 10% at
+    step 20, flat after (1e-5 relative); clipping does not change it (Adam is scale-invariant)."""
+    peak, warmup, total = 1e-2, 5, 20
+    opt = _optimizer(peak, total_steps=total, warmup_steps=warmup, weight_decay=0.0, max_grad_norm=max_grad_norm)
+    lrs = _observed_lrs(opt, 25)
+    expected = np.array([_expected_lr(t, peak, warmup, total) for t in range(25)])
+    np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-9)
+    assert lrs[0] == 0.0 and np.argmax(lrs) == warmup
+    assert np.all(np.diff(lrs[:warmup + 1]) > 0) and np.all(np.diff(lrs[warmup:total + 1]) < 0)
+
+
+def test_schedule_without_warmup_starts_at_peak():
+    """warmup_steps=0 means no warm-up: the very first update already uses the peak learning rate (1e-5),
+    then cosine decay to 10% at total_steps."""
+    peak, total = 1e-2, 10
+    opt = _optimizer(peak, total_steps=total, warmup_steps=0, weight_decay=0.0, max_grad_norm=None)
+    lrs = _observed_lrs(opt, 12)
+    expected = np.array([_expected_lr(t, peak, 0, total) for t in range(12)])
+    np.testing.assert_allclose(lrs, expected, rtol=1e-5, atol=1e-9)
+
+
+def test_weight_decay_is_decoupled():
+    """With zero gradient the AdamW update is -lr_t * weight_decay * param (1e-6 relative), lr_t from the
+    schedule."""
+    peak, warmup, total, wd = 1e-2, 2, 10, 0.1
+    opt = _optimizer(peak, total_steps=total, warmup_steps=warmup, weight_decay=wd, max_grad_norm=None)
+    lrs = _observed_lrs(opt, 6, grad=0.0, param=3.0)
+    expected = np.array([_expected_lr(t, peak, warmup, total) * wd * 3.0 for t in range(6)])
+    np.testing.assert_allclose(lrs, expected, rtol=1e-6, atol=1e-12)
