@@ -8,8 +8,8 @@ with Checkpointer("ckpt", max_to_keep=3) as ckpt:
 
 Only the array leaves are written; restore rebuilds the rest from `like_model` / `like_opt_state` (which may
 be abstract, e.g. from `eqx.filter_eval_shape`) and places each array with the dtype and sharding of the
-corresponding `like` leaf. Each step is one orbax checkpoint directory `<directory>/<step>`, written under a
-temporary name and renamed once complete, so a crash mid-save leaves the previous steps intact.
+corresponding `like` leaf. Each step is one orbax checkpoint directory `<directory>/<step>`, written as
+`<step>.orbax-checkpoint-tmp` and renamed once complete, so a crash mid-save leaves the previous steps intact.
 """
 
 import json
@@ -48,7 +48,7 @@ def _is_prng_key(x) -> bool:
 def _prng_impl_name(leaf) -> str:
     if isinstance(leaf, jax.Array):
         return str(jax.random.key_impl(leaf))
-    return leaf.dtype._impl.name  # abstract keys: jax has no public accessor for a key dtype's impl
+    return leaf.dtype._impl.name  # an abstract key: jax has no public accessor for a key dtype's impl
 
 
 def _path_part(entry) -> str:
@@ -62,11 +62,11 @@ def _path_part(entry) -> str:
 
 
 def _array_leaves(tree) -> dict[str, tuple[tuple[str, ...], Any]]:
-    """Array leaves of `tree` by `jtu.keystr` path, each with its path as storage names."""
+    """Array leaves of `tree` in flattening order, by `jtu.keystr` path, each with its storage names."""
     dynamic, _ = eqx.partition(tree, _is_leaf_array)
     leaves = {}
     for path, leaf in jtu.tree_flatten_with_path(dynamic)[0]:
-        leaves[jtu.keystr(path)] = (tuple(_path_part(entry) for entry in path), leaf)
+        leaves[jtu.keystr(path)] = (tuple(_path_part(entry) for entry in path) or ("value",), leaf)
     return leaves
 
 
@@ -78,19 +78,19 @@ def _describe(leaf) -> dict:
     return info
 
 
-def _nest(leaves: dict[str, tuple[tuple[str, ...], Any]], what: str) -> dict:
-    """Nested dict of storage name -> value; orbax names each array by its dot-joined path."""
+def _nest(leaves: dict[str, tuple[tuple[str, ...], Any]]) -> dict:
+    """Nested dict of storage names -> value; orbax names each array by its dot-joined path."""
     nested, seen = {}, {}
     for keystr, (parts, value) in leaves.items():
         name = ".".join(parts)
-        if name in seen or not parts:
-            raise ValueError(f"{what}: leaves {seen.get(name)!r} and {keystr!r} map to the same name {name!r}")
+        if name in seen:
+            raise ValueError(f"leaves {seen[name]} and {keystr} would both be stored as {name!r}")
         seen[name] = keystr
         node = nested
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
-                raise ValueError(f"{what}: leaf {keystr!r} collides with another leaf")
+                raise ValueError(f"leaf {keystr} collides with another leaf in storage")
         node[parts[-1]] = value
     return nested
 
@@ -102,12 +102,12 @@ def _unnest(nested: dict, parts: tuple[str, ...]):
 
 
 def _default_sharding() -> jax.sharding.Sharding:
-    mesh = jax.sharding.Mesh(np.array(jax.devices()), ("devices",))
-    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    """Where arrays without a sharding of their own land: the default device, like `jnp.asarray`."""
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
 
 def _restore_target(leaf, saved: dict):
-    """Abstract array orbax restores into: dtype and sharding of `leaf` (key data for PRNG keys)."""
+    """The abstract array orbax restores into: dtype and sharding of `leaf` (key data for PRNG keys)."""
     if isinstance(leaf, np.ndarray):
         return np.empty(leaf.shape, leaf.dtype)
     sharding = getattr(leaf, "sharding", None) or _default_sharding()
@@ -118,12 +118,6 @@ def _restore_target(leaf, saved: dict):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
-def _finish_leaf(value, leaf):
-    if _is_prng_key(leaf):
-        return jax.random.wrap_key_data(value, impl=_prng_impl_name(leaf))
-    return value
-
-
 def _mismatches(like: dict, saved: dict) -> list[str]:
     problems = [f"missing from checkpoint: {path}" for path in like if path not in saved]
     problems += [f"not in like tree: {path}" for path in saved if path not in like]
@@ -132,36 +126,50 @@ def _mismatches(like: dict, saved: dict) -> list[str]:
             continue
         want, have = _describe(leaf), saved[path]
         if want["shape"] != have["shape"]:
-            problems.append(f"shape of {path}: checkpoint {tuple(have['shape'])}, like {tuple(want['shape'])}")
+            shapes = f"checkpoint {tuple(have['shape'])}, like {tuple(want['shape'])}"
+            problems.append(f"shape of {path}: {shapes}")
         if want.get("prng_impl") != have.get("prng_impl"):
-            problems.append(
-                f"PRNG key impl of {path}: checkpoint {have.get('prng_impl')}, like {want.get('prng_impl')}"
-            )
+            impls = f"checkpoint {have.get('prng_impl')}, like {want.get('prng_impl')}"
+            problems.append(f"PRNG key impl of {path}: {impls}")
     return problems
 
 
 def _rebuild(like, restored: dict):
     dynamic, static = eqx.partition(like, _is_leaf_array)
-    paths_and_leaves, treedef = jtu.tree_flatten_with_path(dynamic)
     leaves = []
-    for path, leaf in paths_and_leaves:
-        value = _unnest(restored, tuple(_path_part(entry) for entry in path))
-        leaves.append(_finish_leaf(value, leaf))
-    return eqx.combine(jtu.tree_unflatten(treedef, leaves), static)
+    for parts, leaf in _array_leaves(like).values():
+        value = _unnest(restored, parts)
+        if _is_prng_key(leaf):
+            value = jax.random.wrap_key_data(value, impl=_prng_impl_name(leaf))
+        leaves.append(value)
+    return eqx.combine(jtu.tree_unflatten(jtu.tree_structure(dynamic), leaves), static)
+
+
+def _storable(leaves: dict) -> dict:
+    return {
+        path: (parts, jax.random.key_data(leaf) if _is_prng_key(leaf) else leaf)
+        for path, (parts, leaf) in leaves.items()
+    }
 
 
 class Checkpointer:
-    """Orbax-backed training checkpoints: model + optimizer state + step + arbitrary JSON metadata (data position...) + PRNG key.
+    """Orbax-backed training checkpoints: model + optimizer state + step + arbitrary JSON metadata
+    (data position...) + PRNG key.
 
     **Arguments:**
 
     - `directory`: one subdirectory per step is written here (created on the first save).
     - `max_to_keep`: keep only the newest this many steps (None keeps all).
     - `async_save`: `save` returns once the arrays are copied to host and writes in the background;
-      `wait()` blocks until the write is durable. Saving or closing also waits for the previous save.
+      `wait()` blocks until the write is durable. A new save, `restore` and `close` wait for the previous one.
+
+    The list of steps is read when the directory is first opened and then kept up to date by this object's own
+    saves; open a new `Checkpointer` to see steps another process wrote since.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = False):
+    def __init__(
+        self, directory: str | os.PathLike, *, max_to_keep: int | None = 3, async_save: bool = False
+    ):
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
         self.directory = os.path.abspath(os.fspath(directory))
@@ -169,13 +177,13 @@ class Checkpointer:
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save
         )
         self._manager: ocp.CheckpointManager | None = None
+        self._in_flight: int | None = None
         if os.path.isdir(self.directory):
-            self._open(create=False)
+            self._open()
 
-    def _open(self, create: bool) -> ocp.CheckpointManager:
+    def _open(self) -> ocp.CheckpointManager:
         if self._manager is None:
-            if create:
-                os.makedirs(self.directory, exist_ok=True)
+            os.makedirs(self.directory, exist_ok=True)
             self._manager = ocp.CheckpointManager(self.directory, options=self._options)
         return self._manager
 
@@ -203,6 +211,8 @@ class Checkpointer:
             json.dumps(metadata)
         except (TypeError, ValueError) as error:
             raise TypeError(f"metadata must be JSON-serialisable: {error}") from None
+        if key is not None and not isinstance(key, jax.Array):
+            raise TypeError(f"key must be a jax.Array (typed or raw PRNG key), got {type(key).__name__}")
 
         model_leaves = _array_leaves(model)
         if not model_leaves:
@@ -211,21 +221,16 @@ class Checkpointer:
         for what, leaves in (("model", model_leaves), ("opt_state", opt_leaves)):
             abstract = [path for path, (_, leaf) in leaves.items() if not eqx.is_array(leaf)]
             if abstract:
-                raise ValueError(f"{what} has abstract (ShapeDtypeStruct) leaves, cannot save: {abstract[:5]}")
-        if key is not None and not isinstance(key, jax.Array):
-            raise TypeError(f"key must be a jax.Array (typed or raw PRNG key), got {type(key).__name__}")
+                raise ValueError(f"{what} has abstract leaves (no values to save): {abstract[:5]}")
 
-        def storable(leaves):
-            return {
-                path: (parts, jax.random.key_data(leaf) if _is_prng_key(leaf) else leaf)
-                for path, (parts, leaf) in leaves.items()
-            }
-
-        items = {"model": ocp.args.StandardSave(_nest(storable(model_leaves), "model"))}
+        # orbax rejects empty items and bare arrays, and a failed save leaves its worker threads hanging:
+        # everything is validated above, empty parts are left out, the key goes in a dict.
+        items = {"model": ocp.args.StandardSave(_nest(_storable(model_leaves)))}
         if opt_leaves:
-            items["opt_state"] = ocp.args.StandardSave(_nest(storable(opt_leaves), "opt_state"))
+            items["opt_state"] = ocp.args.StandardSave(_nest(_storable(opt_leaves)))
         if key is not None:
-            items["key"] = ocp.args.StandardSave({"data": jax.random.key_data(key) if _is_prng_key(key) else key})
+            key_data = jax.random.key_data(key) if _is_prng_key(key) else key
+            items["key"] = ocp.args.StandardSave({"data": key_data})
         record = {
             "format_version": _FORMAT_VERSION,
             "step": step,
@@ -236,16 +241,15 @@ class Checkpointer:
         }
         items["metadata"] = ocp.args.JsonSave(record)
 
-        manager = self._open(create=True)
+        manager = self._open()
         steps = manager.all_steps()
         if step in steps:
             raise ValueError(f"step {step} already exists in {self.directory}")
         if steps and step < max(steps) and not force:
-            raise ValueError(
-                f"step {step} is below the latest saved step {max(steps)} in {self.directory}; pass force=True"
-            )
+            raise ValueError(f"step {step} is below the latest step {max(steps)}; force=True saves it")
         if not manager.save(step, args=ocp.args.Composite(**items), force=True):
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
+        self._in_flight = step
 
     def wait(self) -> None:
         """Block until an asynchronous save is finished and durable."""
@@ -257,17 +261,23 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        """Finalised steps, ascending (a step being written asynchronously is listed once saved)."""
+        """Saved steps, ascending; a step still being written asynchronously is not listed."""
         if self._manager is None:
             if not os.path.isdir(self.directory):
                 return []
-            self._open(create=False)
-        return sorted(self._manager.all_steps())
+            self._open()
+        steps = sorted(self._manager.all_steps())
+        if self._in_flight is not None:
+            if self._manager.is_saving_in_progress():
+                return [step for step in steps if step != self._in_flight]
+            self._in_flight = None
+        return steps
 
     def restore(self, like_model: eqx.Module, like_opt_state=None, *, step: int | None = None) -> Restored:
         """Restore `step` (default: latest) into the structure of `like_model` (and `like_opt_state`).
 
-        Arrays land with the dtype and sharding of the matching `like` leaf; non-array leaves come from `like`.
+        Each array lands with the dtype and sharding of the matching `like` leaf (on the default device for
+        abstract leaves without a sharding); non-array leaves come from `like`.
         """
         steps = self.all_steps()
         if not steps:
@@ -277,11 +287,14 @@ class Checkpointer:
         elif int(step) not in steps:
             raise ValueError(f"step {step} not found in {self.directory}; available steps: {steps}")
         step = int(step)
-        manager = self._manager
-        assert manager is not None
-        record = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
-        if record.get("format_version") != _FORMAT_VERSION:
-            raise ValueError(f"checkpoint step {step} in {self.directory} was not written by eqx_models.Checkpointer")
+        manager = self._open()
+        manager.wait_until_finished()
+        try:
+            record = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
+        except (FileNotFoundError, KeyError, ValueError):
+            record = None
+        if not isinstance(record, dict) or record.get("format_version") != _FORMAT_VERSION:
+            raise ValueError(f"step {step} in {self.directory} was not written by eqx_models.Checkpointer")
 
         model_leaves = _array_leaves(like_model)
         problems = [f"model: {p}" for p in _mismatches(model_leaves, record["model"])]
@@ -293,21 +306,20 @@ class Checkpointer:
                 opt_leaves = _array_leaves(like_opt_state)
                 problems += [f"opt_state: {p}" for p in _mismatches(opt_leaves, record["opt_state"])]
         if problems:
-            raise ValueError(
-                f"checkpoint step {step} in {self.directory} does not match the like tree:\n  " + "\n  ".join(problems)
-            )
+            listing = "\n  ".join(problems)
+            raise ValueError(f"step {step} in {self.directory} does not match the like tree:\n  {listing}")
 
         def targets(leaves, saved):
-            return _nest({p: (parts, _restore_target(x, saved[p])) for p, (parts, x) in leaves.items()}, "target")
+            return _nest({p: (parts, _restore_target(x, saved[p])) for p, (parts, x) in leaves.items()})
 
         items = {"model": ocp.args.StandardRestore(targets(model_leaves, record["model"]))}
         if opt_leaves:
             items["opt_state"] = ocp.args.StandardRestore(targets(opt_leaves, record["opt_state"]))
         saved_key = record["key"]
         if saved_key is not None:
-            data_shape = saved_key.get("data_shape", saved_key["shape"])
-            dtype = np.uint32 if "prng_impl" in saved_key else np.dtype(saved_key["dtype"])
-            target = jax.ShapeDtypeStruct(tuple(data_shape), dtype, sharding=_default_sharding())
+            shape = saved_key.get("data_shape", saved_key["shape"])
+            dtype = np.dtype(np.uint32) if "prng_impl" in saved_key else np.dtype(saved_key["dtype"])
+            target = jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=_default_sharding())
             items["key"] = ocp.args.StandardRestore({"data": target})
         restored = manager.restore(step, args=ocp.args.Composite(**items))
 
@@ -323,7 +335,7 @@ class Checkpointer:
         return Restored(model, opt_state, step, key, record["metadata"])
 
     def close(self) -> None:
-        """Wait for pending saves and release orbax's resources."""
+        """Wait for a pending save and release orbax's resources."""
         if self._manager is not None:
             self._manager.close()
             self._manager = None

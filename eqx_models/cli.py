@@ -124,6 +124,8 @@ def cmd_train(args: argparse.Namespace) -> None:
     step_fn = make_train_step(optimizer)
     checkpointer = Checkpointer(out / "checkpoints", max_to_keep=2)
     start = 0
+    if not args.resume and checkpointer.latest_step() is not None:
+        raise CLIError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
     if args.resume and checkpointer.latest_step() is not None:
         restored = checkpointer.restore(model, opt_state)
         model, opt_state, start, key = restored.model, restored.opt_state, restored.step, restored.key

@@ -80,9 +80,10 @@ def lm_loss(
         segment_ids = jnp.ones_like(input_ids)
     out = model.forward(input_ids, batch.get("positions"), segment_ids, key=key, inference=inference)
     targets, mask = next_token_targets(input_ids, segment_ids)
-    count = jnp.maximum(jnp.sum(mask), 1).astype(jnp.float32)
+    tokens = jnp.sum(mask).astype(jnp.float32)
+    count = jnp.maximum(tokens, 1.0)
     xent, z = chunked_cross_entropy(model.logits, out.hidden, targets, mask, chunk_size=chunk_size)
-    metrics = {"cross_entropy": xent / count, "tokens": count}
+    metrics = {"cross_entropy": xent / count, "tokens": tokens}
     loss = xent / count + z_loss * z / count
     cfg = model.config
     if getattr(cfg, "num_experts", 0):
@@ -165,8 +166,9 @@ def make_train_step(
 
             total, metrics = jax.lax.scan(accumulate, zeros, (micro, jax.random.split(key, grad_accum_steps)))
             weights = metrics.get("tokens", jnp.ones((grad_accum_steps,), jnp.float32))
-            grads = jax.tree.map(lambda g, p: (g / jnp.sum(weights)).astype(p.dtype), total, params)
-            metrics = jax.tree.map(lambda m: jnp.sum(m * weights) / jnp.sum(weights), metrics)
+            total_weight = jnp.maximum(jnp.sum(weights), 1.0)
+            grads = jax.tree.map(lambda g, p: (g / total_weight).astype(p.dtype), total, params)
+            metrics = jax.tree.map(lambda m: jnp.sum(m * weights) / total_weight, metrics)
             metrics["tokens"] = jnp.sum(weights)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         model = eqx.apply_updates(model, updates)

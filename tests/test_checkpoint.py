@@ -45,7 +45,8 @@ def filled_model(seed, **overrides):
     def fill(leaf):
         return jnp.asarray(rng.standard_normal(leaf.shape, dtype=np.float32) * 0.1).astype(leaf.dtype)
 
-    return jtu.tree_map(fill, abstract_model(**overrides), is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    abstract = abstract_model(**overrides)
+    return jtu.tree_map(fill, abstract, is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
 
 
 def array_leaves(tree):
@@ -57,13 +58,14 @@ def zeros_like_tree(tree):
 
 
 def make_optimizer():
-    """AdamW behind gradient clipping, with a warmup-cosine schedule injected as a hyperparameter, so the state
-    mixes arrays, counts, EmptyState and nested namedtuples.
+    """AdamW behind gradient clipping, with a warmup-cosine schedule injected as a hyperparameter, so the
+    state mixes arrays, counts, EmptyState and nested namedtuples.
 
     optax computes `float ** int32 count` (bias correction, schedules), which the suite's strict dtype
     promotion rejects: the optimizer runs under standard promotion, the model stays strict."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, 1e-2, warmup_steps=2, decay_steps=10)
-    inner = optax.chain(optax.clip_by_global_norm(1.0), optax.inject_hyperparams(optax.adamw)(learning_rate=schedule))
+    adamw = optax.inject_hyperparams(optax.adamw)(learning_rate=schedule)
+    inner = optax.chain(optax.clip_by_global_norm(1.0), adamw)
 
     def init(params):
         with jax.numpy_dtype_promotion("standard"):
@@ -87,10 +89,17 @@ def loss_fn(model, tokens, weights):
 
 
 @eqx.filter_jit
-def train_step(model, opt_state, tokens, weights):
+def _train_step(model, opt_state, tokens, weights):
     loss, grads = eqx.filter_value_and_grad(loss_fn)(model, tokens, weights)
     updates, opt_state = OPTIMIZER.update(grads, opt_state, eqx.filter(model, eqx.is_array))
     return eqx.apply_updates(model, updates), opt_state, loss
+
+
+def train_step(*args):
+    """`_train_step` on committed arrays: jit compiles separately for uncommitted (fresh) and committed
+    (jit outputs, restored) arguments, several seconds each on CPU."""
+    device = jax.local_devices()[0]
+    return _train_step(*jtu.tree_map(lambda x: jax.device_put(x, device) if eqx.is_array(x) else x, args))
 
 
 def init_opt_state(model):
@@ -109,7 +118,8 @@ def trained(model):
     trained_model = model
     for data_key in jax.random.split(jax.random.key(1), 2):
         tokens = jax.random.randint(data_key, (2, 9), 0, TINY["vocab_size"])
-        trained_model, opt_state, _ = train_step(trained_model, opt_state, tokens, jnp.ones((2, 8), jnp.float32))
+        weights = jnp.ones((2, 8), jnp.float32)
+        trained_model, opt_state, _ = train_step(trained_model, opt_state, tokens, weights)
     return trained_model, opt_state
 
 
@@ -162,8 +172,10 @@ def test_restore_into_abstract_model_without_opt_state(tmp_path, model):
 
 def test_restore_lands_in_like_sharding(tmp_path, model):
     device = jax.devices()[0]
-    sharding = jax.sharding.NamedSharding(jax.sharding.Mesh(np.array([device]), ("data",)), jax.sharding.PartitionSpec())
-    like = jtu.tree_map(lambda x: jax.device_put(jnp.zeros_like(x), sharding) if eqx.is_array(x) else x, model)
+    mesh = jax.sharding.Mesh(np.array([device]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    arrays, static = eqx.partition(model, eqx.is_array)
+    like = eqx.combine(jtu.tree_map(lambda x: jax.device_put(jnp.zeros_like(x), sharding), arrays), static)
     with Checkpointer(tmp_path) as ckpt:
         ckpt.save(1, model)
         restored = ckpt.restore(like).model
@@ -191,6 +203,30 @@ def test_raw_uint32_key_round_trips(tmp_path, model):
         key = ckpt.restore(model).key
     assert key.dtype == jnp.uint32
     np.testing.assert_array_equal(key, raw)
+
+
+class Holder(eqx.Module):
+    tree: dict
+    name: str = eqx.field(static=True)
+
+
+def test_any_pytree_with_keys_and_numpy_leaves(tmp_path):
+    def holder(w, keys, host):
+        return Holder({"w": w, "keys": keys, "host": host, "static": "kept from like", "nothing": None}, "h")
+
+    rbg_keys = jax.random.split(jax.random.key(0, impl="rbg"), 3)
+    saved = holder(jnp.arange(6.0).reshape(2, 3), rbg_keys, np.arange(4, dtype=np.int16))
+    other_keys = jax.random.split(jax.random.key(1, impl="rbg"), 3)
+    like = holder(jnp.zeros((2, 3)), other_keys, np.zeros(4, np.int16))
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, saved, jnp.float32(0.5))
+        restored = ckpt.restore(like, jnp.float32(0.0))
+    assert isinstance(restored.model.tree["host"], np.ndarray)
+    assert_bitwise_equal(restored.model, saved)
+    assert_bitwise_equal(restored.opt_state, jnp.float32(0.5))
+    threefry = holder(jnp.zeros((2, 3)), jax.random.split(jax.random.key(1), 3), np.zeros(4, np.int16))
+    with pytest.raises(ValueError, match=r"PRNG key impl of \.tree\['keys'\]"):
+        Checkpointer(tmp_path).restore(threefry)
 
 
 def test_keeps_last_n(tmp_path, model):
@@ -222,6 +258,8 @@ def test_async_save(tmp_path, trained):
     key = jax.random.key(3)
     ckpt = Checkpointer(tmp_path, async_save=True)
     ckpt.save(1, model, opt_state, key=key, metadata={"data_position": 9})
+    # orbax lists a step as soon as its save starts; the Checkpointer only once it is committed
+    assert all((tmp_path / str(step)).is_dir() for step in ckpt.all_steps())
     ckpt.wait()
     assert ckpt.all_steps() == [1]
     assert (tmp_path / "1" / "commit_success.txt").exists()
@@ -236,7 +274,7 @@ def test_async_save(tmp_path, trained):
 _CRASH_CHILD = textwrap.dedent(
     """
     import os, signal, sys, threading
-    import numpy as np, optax
+    import numpy as np
     from orbax.checkpoint._src.path import atomicity
     from eqx_models.checkpoint import Checkpointer
     from tests.test_checkpoint import filled_model, step_one_state
@@ -252,7 +290,8 @@ _CRASH_CHILD = textwrap.dedent(
 
     if mode == "mid_write":
         # SIGKILL while the 64 MB array of step 2 is being streamed into its temporary directory
-        data = os.path.join(directory, "2.orbax-checkpoint-tmp", "opt_state.orbax-checkpoint-tmp", "ocdbt.process_0", "d")
+        tmp = os.path.join(directory, "2.orbax-checkpoint-tmp")
+        data = os.path.join(tmp, "opt_state.orbax-checkpoint-tmp", "ocdbt.process_0", "d")
         def watch():
             while True:
                 try:
@@ -282,7 +321,8 @@ _CRASH_CHILD = textwrap.dedent(
 def step_one_state():
     """What the crash test's child process saves as step 1 (deterministic, rebuilt by the parent)."""
     model = filled_model(1)
-    return model, optax.adamw(1e-3).init(eqx.filter(model, eqx.is_array)), jax.random.key(7), {"data_position": 11}
+    opt_state = optax.adamw(1e-3).init(eqx.filter(model, eqx.is_array))
+    return model, opt_state, jax.random.key(7), {"data_position": 11}
 
 
 @pytest.mark.slow

@@ -1,6 +1,6 @@
-"""`eqx_models.generation`: greedy decoding equals HF transformers' `generate` token for token (dense and MoE
-Qwen3, left-padded batch), EOS handling and early exit, sampling filters (`top_k`, `top_p`, temperature) checked
-exactly or statistically on fixed logits, one compiled decode loop, and input validation."""
+"""`eqx_models.generation`: greedy decoding equals HF transformers' `generate` token for token (dense and
+MoE Qwen3, left-padded batch), EOS handling and early exit, sampling filters (`top_k`, `top_p`, temperature)
+checked exactly or statistically on fixed logits, one compiled decode loop, and input validation."""
 
 import inspect
 
@@ -32,6 +32,10 @@ HF_QWEN3_MOE = dict(
     rope_parameters={"rope_type": "default", "rope_theta": 1_000_000.0},
     experts_implementation="eager", attn_implementation="eager",
 )
+MAX_NEW = 14
+PAD = 3  # left padding of row 1
+
+
 def _random_model(cfg, seed: int = 0):
     """Our model with NumPy-random parameters (norm scales 1, every other weight N(0, 0.15^2)), built from
     `filter_eval_shape`: the real initialiser compiles for seconds even at this size."""
@@ -45,10 +49,6 @@ def _random_model(cfg, seed: int = 0):
         return jnp.asarray(0.15 * rng.standard_normal(leaf.shape), leaf.dtype)
 
     return jax.tree_util.tree_map_with_path(fill, skeleton)
-
-
-MAX_NEW = 14
-PAD = 3  # left padding of row 1
 
 
 def _hf_pair(tmp_path, moe: bool):
@@ -80,8 +80,9 @@ def _prompt(seed: int = 1, batch: int = 2, seq: int = 9, vocab: int = 256):
 
 def _hf_greedy(hf, ids, mask, max_new):
     with torch.no_grad():
-        out = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=max_new,
-                          min_new_tokens=max_new, do_sample=False, pad_token_id=0, eos_token_id=None)
+        out = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                          max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0,
+                          eos_token_id=None)
     return out.numpy()
 
 
@@ -103,8 +104,8 @@ def greedy_run(dense_pair):
 def tiny():
     """A small random model (vocab 64) for sampling and tracing tests."""
     cfg = em.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
-                         tie_word_embeddings=False)
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                         max_position_embeddings=128, tie_word_embeddings=False)
     return _random_model(cfg)
 
 
@@ -170,6 +171,7 @@ class _ForwardCounter:
     def __init__(self, monkeypatch, model):
         self.traced, self.executed = 0, []
         original = type(model).forward
+        gen._generate._cached.clear_cache()  # compile afresh so the counting forward is traced
 
         def forward(this, input_ids, *args, **kwargs):
             self.traced += 1
@@ -192,7 +194,8 @@ def test_eos_repeats_and_prefix_equals_greedy(greedy_run):
     new = out[:, prompt:]
     j = _first_new_token_index(new[0], 4, MAX_NEW - 3)
     eos = int(new[0, j])
-    got = np.asarray(generate(ours, jnp.asarray(ids), MAX_NEW, attention_mask=jnp.asarray(mask), eos_token_id=eos))
+    got = np.asarray(generate(ours, jnp.asarray(ids), MAX_NEW, attention_mask=jnp.asarray(mask),
+                              eos_token_id=eos))
     assert got.shape == out.shape
     expected = _truncate_at_eos(new, {eos})
     np.testing.assert_array_equal(got[:, :prompt], ids)
@@ -215,14 +218,14 @@ def test_loop_stops_when_all_rows_done(greedy_run, monkeypatch):
     assert finish < MAX_NEW - 2
 
     counter = _ForwardCounter(monkeypatch, ours)
-    # a prompt length no other test uses, so this compiles afresh with the counting forward
-    ids2, mask2 = np.concatenate([np.zeros((2, 1), np.int64), ids], 1), np.concatenate([np.zeros((2, 1)), mask], 1)
-    baseline = np.asarray(generate(ours, jnp.asarray(ids2), MAX_NEW, attention_mask=jnp.asarray(mask2, jnp.int32)))
-    np.testing.assert_array_equal(baseline[:, 1:], out)  # extra left padding changes nothing
+    # one more column of left padding: must change nothing
+    ids2 = jnp.asarray(np.pad(ids, ((0, 0), (1, 0))))
+    mask2 = jnp.asarray(np.pad(mask, ((0, 0), (1, 0))), jnp.int32)
+    baseline = np.asarray(generate(ours, ids2, MAX_NEW, attention_mask=mask2))
+    np.testing.assert_array_equal(baseline[:, 1:], out)
     assert counter.runs() == MAX_NEW
     counter.executed.clear()
-    got = np.asarray(generate(ours, jnp.asarray(ids2), MAX_NEW, attention_mask=jnp.asarray(mask2, jnp.int32),
-                              eos_token_id=sorted(eos)))
+    got = np.asarray(generate(ours, ids2, MAX_NEW, attention_mask=mask2, eos_token_id=sorted(eos)))
     assert got.shape == (2, prompt + 1 + MAX_NEW)
     np.testing.assert_array_equal(got[:, prompt + 1:], expected)
     assert counter.runs() == 1 + finish
@@ -258,6 +261,15 @@ def test_sampling_is_keyed(tiny, tiny_greedy):
     assert (a != greedy).any()
     np.testing.assert_array_equal(sample(3, top_k=1), greedy)
     np.testing.assert_array_equal(sample(4, top_p=1e-6), greedy)
+
+
+def test_sampling_steps_use_fresh_randomness(tiny, tiny_greedy):
+    """A model with all-zero weights has uniform logits at every step; sampled continuations must then vary
+    along each row (the same randomness reused every step would repeat one token)."""
+    zero = jax.tree.map(lambda x: jnp.zeros_like(x) if eqx.is_inexact_array(x) else x, tiny)
+    ids, _ = tiny_greedy
+    out = np.asarray(generate(zero, ids, 10, 1.0, jax.random.key(0)))[:, ids.shape[1]:]
+    assert all(len(set(row.tolist())) > 3 for row in out), out
 
 
 def _draws(logits: np.ndarray, n: int, **kwargs) -> np.ndarray:
@@ -296,10 +308,12 @@ def test_sample_token_temperature_only():
     _check_frequencies(draws, probs)
 
 
-@pytest.mark.parametrize(("top_p", "kept"), [(0.3, [1]), (0.6, [1, 3]), (0.7, [1, 3, 4]), (0.97, [0, 1, 2, 3, 4])])
+@pytest.mark.parametrize(
+    ("top_p", "kept"), [(0.3, [1]), (0.6, [1, 3]), (0.7, [1, 3, 4]), (0.97, [0, 1, 2, 3, 4])]
+)
 def test_sample_token_top_p_keeps_smallest_prefix(top_p, kept):
     """Probabilities [.05, .40, .10, .25, .20]: top_p keeps the smallest most-probable set whose mass reaches
-    top_p (0.3 -> {1}, 0.6 -> {1, 3}, 0.7 -> {1, 3, 4}), renormalised (4000 keys, 5 sigma)."""
+    top_p (0.3 -> {1}, 0.6 -> {1, 3}, 0.7 -> {1, 3, 4}, 0.97 -> all), renormalised (4000 keys, 5 sigma)."""
     probs = np.array([0.05, 0.40, 0.10, 0.25, 0.20])
     draws = _draws(np.log(probs), 4000, temperature=1.0, top_p=top_p)
     expected = np.zeros_like(probs)
@@ -323,7 +337,7 @@ def test_one_compiled_loop(tiny, monkeypatch):
     and a second call with the same shapes and options neither retraces nor grows the jit cache."""
     counter = _ForwardCounter(monkeypatch, tiny)
     rng = np.random.default_rng(3)
-    ids = jnp.asarray(rng.integers(0, 64, (3, 11)))  # a shape no other test uses
+    ids = jnp.asarray(rng.integers(0, 64, (3, 11)))
     generate(tiny, ids, 4).block_until_ready()
     assert counter.traced == 2
     generate(tiny, ids, 16).block_until_ready()
@@ -364,8 +378,7 @@ def _unchecked(fn):
 )
 def test_bad_input_raises(tiny, kwargs, message):
     """Invalid arguments raise ValueError naming the problem, before anything is traced."""
-    args = dict(input_ids=jnp.zeros((2, 5), jnp.int32), max_new_tokens=3, **{})
-    args.update(kwargs)
+    args = dict(input_ids=jnp.zeros((2, 5), jnp.int32), max_new_tokens=3) | kwargs
     with pytest.raises(ValueError, match=message):
         _unchecked(generate)(tiny, **args)
 
