@@ -182,7 +182,6 @@ def _restore_model(checkpoint: Path):
         raise CLIError(f"checkpoint directory {checkpoint} does not exist")
     cfg = _read_run_config(checkpoint)
     like = eqx.filter_eval_shape(_model_class(cfg), cfg, key=jax.random.key(0))
-    like = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), like)
     with Checkpointer(checkpoint / "checkpoints") as checkpointer:
         if checkpointer.latest_step() is None:
             raise CLIError(f"no saved step in {checkpoint / 'checkpoints'}")
