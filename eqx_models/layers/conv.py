@@ -4,7 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.typing import DTypeLike
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
 
 class DepthwiseCausalConv1D(eqx.Module):
@@ -12,7 +12,8 @@ class DepthwiseCausalConv1D(eqx.Module):
 
     `weight` is `(kernel_size, channels)` (HF stores `(channels, 1, kernel_size)`). The state is the last
     `kernel_size - 1` inputs; passing the returned state into the next call continues the sequence exactly, so
-    one token at a time equals the whole sequence at once. Products accumulate in float32.
+    one token at a time equals the whole sequence at once. Products accumulate in float32. `reset[b, t]` marks
+    the first token of a new (packed) sequence: outputs from `t` on read no input before `t`.
     """
 
     weight: Float[Array, "kernel channels"]
@@ -45,6 +46,7 @@ class DepthwiseCausalConv1D(eqx.Module):
         self,
         x: Float[Array, "batch seq channels"],
         state: Float[Array, "batch kernel_minus_1 channels"] | None = None,
+        reset: Bool[Array, "batch seq"] | None = None,
     ) -> tuple[Float[Array, "batch seq channels"], Float[Array, "batch kernel_minus_1 channels"]]:
         """Returns `(y, new_state)`; `state` defaults to zeros (the start of a sequence)."""
         batch, seq, channels = x.shape
@@ -58,7 +60,18 @@ class DepthwiseCausalConv1D(eqx.Module):
             )
         xs = jnp.concatenate([state.astype(self.dtype), x.astype(self.dtype)], axis=1)
         w = self.weight.astype(jnp.float32)
-        y = sum(xs[:, j : j + seq].astype(jnp.float32) * w[j] for j in range(self.kernel_size))
+        taps = [xs[:, j : j + seq].astype(jnp.float32) for j in range(self.kernel_size)]
+        if reset is not None:
+            # input s may feed output t only if no sequence starts in (s, t]; the state counts as before t = 0
+            starts = jnp.cumsum(reset.astype(jnp.int32), axis=1)
+            starts = jnp.concatenate([jnp.zeros((batch, self.kernel_size - 1), jnp.int32), starts], axis=1)
+            taps = [jnp.where((starts[:, j : j + seq] == starts[:, -seq:])[..., None], tap, 0.0)
+                    for j, tap in enumerate(taps)]
+            state_valid = starts[:, seq:] == starts[:, -1:]
+        y = sum(tap * w[j] for j, tap in enumerate(taps))
         if self.bias is not None:
             y = y + self.bias.astype(jnp.float32)
-        return y.astype(self.dtype), xs[:, seq:]
+        new_state = xs[:, seq:]
+        if reset is not None:
+            new_state = jnp.where(state_valid[..., None], new_state, jnp.zeros((), self.dtype))
+        return y.astype(self.dtype), new_state

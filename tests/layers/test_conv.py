@@ -85,6 +85,34 @@ def test_streaming_chunks_equal_one_call(getkey, rng, use_bias):
     np.testing.assert_array_equal(np.asarray(state), np.asarray(full_state))
 
 
+@pytest.mark.parametrize("use_bias", [False, True])
+def test_reset_equals_separate_sequences(getkey, rng, use_bias):
+    """A row packing pieces of 5, 1 and 6 tokens (resets at 5 and 6) equals each piece run alone, for outputs
+    and state; continuing from a state with a reset at the call's first token ignores that state."""
+    conv, _, _ = _conv(getkey, rng, 4, use_bias)
+    x = jnp.asarray(_x(rng, 12))
+    reset = np.zeros((B, 12), bool)
+    reset[:, [5, 6]] = True
+    y, state = conv(x, reset=jnp.asarray(reset))
+    for start, stop in ((0, 5), (5, 6), (6, 12)):
+        alone, alone_state = conv(x[:, start:stop])
+        np.testing.assert_allclose(np.asarray(y[:, start:stop]), np.asarray(alone), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(state), np.asarray(alone_state))
+
+    _, carried = conv(x[:, :5])
+    first = jnp.zeros((B, 7), bool).at[:, 0].set(True)
+    y, state = conv(x[:, 5:], carried, reset=first)
+    fresh, fresh_state = conv(x[:, 5:])
+    np.testing.assert_allclose(np.asarray(y), np.asarray(fresh), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(state), np.asarray(fresh_state))
+
+    short = np.zeros((B, 2), bool)
+    short[:, 1] = True
+    _, state = conv(x[:, :2], carried, reset=jnp.asarray(short))
+    expected = np.concatenate([np.zeros((B, 2, C), np.float32), np.asarray(x[:, 1:2])], axis=1)
+    np.testing.assert_array_equal(np.asarray(state), expected)
+
+
 @pytest.mark.parametrize("prefill", [2, 6])
 @pytest.mark.parametrize("use_bias", [False, True])
 def test_decode_steps_match_hf_causal_conv1d_update(getkey, rng, prefill, use_bias):

@@ -1,0 +1,313 @@
+"""The gated delta rule (the token mixer of Gated DeltaNet / Qwen3-Next `linear_attn`) in three forms.
+
+Per batch row and value head, with a `key_dim x value_dim` state `S` starting at `initial_state` (or zeros):
+
+    S = S * exp(g_t);   S = S + k_t (beta_t * (v_t - S^T k_t))^T;   o_t = S^T q_t
+
+- `recurrent_gated_delta_rule`: one `lax.scan` over tokens; also the decode step (seq == 1).
+- `naive_chunk_gated_delta_rule`: HF's `torch_chunk_gated_delta_rule`, one `lax.scan` over chunks doing
+  everything per chunk.
+- `chunk_gated_delta_rule`: everything that does not depend on the carried state (decays, the WY factors from
+  one batched triangular solve, the intra-chunk attention) computed for all chunks at once; the scan over
+  chunks only does the state matmuls. The training path.
+
+`gated_delta_rule(impl=...)` dispatches (`select_gated_delta_impl` says which form runs). All maths is float32;
+the output comes back in `v.dtype` and the state in float32. `reset[b, t]` starts a new sequence at `t` (the
+state carried into `t` is dropped), for packed rows; padding tokens need `g = 0, beta = 0` (state unchanged).
+"""
+
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float
+
+from eqx_models.layers.norms import l2norm
+
+GatedDeltaImpl = Literal["auto", "recurrent", "naive_chunk", "chunk"]
+GATED_DELTA_IMPLS = ("auto", "recurrent", "naive_chunk", "chunk")
+
+_Out = tuple[Float[Array, "batch seq heads value_dim"], Float[Array, "batch heads key_dim value_dim"]]
+
+
+def select_gated_delta_impl(
+    seq_len: int, impl: GatedDeltaImpl = "auto"
+) -> Literal["recurrent", "naive_chunk", "chunk"]:
+    """The form `gated_delta_rule` runs: `impl` itself, or for `"auto"` the recurrent form when `seq_len == 1`
+    (decode) and the fast chunked form otherwise, as HF does."""
+    if impl not in GATED_DELTA_IMPLS:
+        raise ValueError(f"gated delta impl must be one of {GATED_DELTA_IMPLS}, got {impl!r}")
+    if impl != "auto":
+        return impl
+    return "recurrent" if seq_len == 1 else "chunk"
+
+
+def _check_inputs(q, k, v, g, beta, initial_state, reset) -> None:
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(
+            f"gated delta rule needs q, k of shape (batch, seq, key_heads, key_dim), got q {q.shape}, k {k.shape}"
+        )
+    if v.ndim != 4 or v.shape[:2] != q.shape[:2]:
+        raise ValueError(
+            f"gated delta rule needs v of shape (batch, seq, heads, value_dim) with q's (batch, seq) = "
+            f"{q.shape[:2]}, got v {v.shape}"
+        )
+    if g.shape != v.shape[:3] or beta.shape != v.shape[:3]:
+        raise ValueError(
+            f"gated delta rule needs g, beta of shape (batch, seq, heads) = {v.shape[:3]}, "
+            f"got g {g.shape}, beta {beta.shape}"
+        )
+    key_heads, heads = q.shape[2], v.shape[2]
+    if heads % key_heads:
+        raise ValueError(f"gated delta rule needs heads ({heads}) divisible by key_heads ({key_heads})")
+    state_shape = (v.shape[0], heads, q.shape[3], v.shape[3])
+    if initial_state is not None and initial_state.shape != state_shape:
+        raise ValueError(
+            f"gated delta rule needs initial_state of shape (batch, heads, key_dim, value_dim) = {state_shape}, "
+            f"got {initial_state.shape}"
+        )
+    if reset is not None and (reset.shape != q.shape[:2] or reset.dtype != jnp.bool_):
+        raise ValueError(
+            f"gated delta rule needs a bool reset of shape (batch, seq) = {q.shape[:2]}, "
+            f"got {reset.dtype} {reset.shape}"
+        )
+
+
+def _prepare(q, k, v, g, beta, initial_state, reset, use_qk_l2norm, scale):
+    """Validates; returns float32 `q` (normalised, scaled), `k` (normalised), both expanded to the value heads,
+    float32 `v, g, beta` and the initial state (zeros when None)."""
+    _check_inputs(q, k, v, g, beta, initial_state, reset)
+    key_heads, key_dim = q.shape[2:]
+    batch, _, heads, value_dim = v.shape
+    q, k = q.astype(jnp.float32), k.astype(jnp.float32)
+    if use_qk_l2norm:
+        q, k = l2norm(q), l2norm(k)
+    q = q * (key_dim**-0.5 if scale is None else scale)
+    if heads != key_heads:
+        # k-head j serves v-heads j*r .. j*r+r-1 (HF's repeat_interleave)
+        q, k = jnp.repeat(q, heads // key_heads, axis=2), jnp.repeat(k, heads // key_heads, axis=2)
+    if initial_state is None:
+        state = jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32)
+    else:
+        state = initial_state.astype(jnp.float32)
+    return q, k, v.astype(jnp.float32), g.astype(jnp.float32), beta.astype(jnp.float32), state
+
+
+def recurrent_gated_delta_rule(
+    q: Float[Array, "batch seq key_heads key_dim"],
+    k: Float[Array, "batch seq key_heads key_dim"],
+    v: Float[Array, "batch seq heads value_dim"],
+    g: Float[Array, "batch seq heads"],
+    beta: Float[Array, "batch seq heads"],
+    *,
+    initial_state: Float[Array, "batch heads key_dim value_dim"] | None = None,
+    reset: Bool[Array, "batch seq"] | None = None,
+    use_qk_l2norm: bool = True,
+    scale: float | None = None,
+) -> _Out:
+    """The gated delta rule token by token (`lax.scan` over `seq`); returns `(o, final_state)`.
+
+    `g` is the log-decay (<= 0), `beta` the write strength; `scale` defaults to `key_dim ** -0.5` and multiplies
+    `q` after the optional l2 normalisation.
+    """
+    out_dtype = v.dtype
+    q, k, v, g, beta, state = _prepare(q, k, v, g, beta, initial_state, reset, use_qk_l2norm, scale)
+    xs = tuple(jnp.moveaxis(x, 1, 0) for x in (q, k, v, g, beta))
+    if reset is not None:
+        xs = xs + (reset.T,)
+
+    def step(state, x):
+        q_t, k_t, v_t, g_t, beta_t = x[:5]
+        if reset is not None:
+            state = jnp.where(x[5][:, None, None, None], 0.0, state)
+        state = state * jnp.exp(g_t)[..., None, None]
+        delta = beta_t[..., None] * (v_t - jnp.einsum("bhkv,bhk->bhv", state, k_t))
+        state = state + k_t[..., :, None] * delta[..., None, :]
+        return state, jnp.einsum("bhkv,bhk->bhv", state, q_t)
+
+    state, o = jax.lax.scan(step, state, xs)
+    return jnp.moveaxis(o, 0, 1).astype(out_dtype), state
+
+
+def _to_chunks(x: Array, chunk_size: int) -> Array:
+    """`(batch, seq, heads, ...)` -> `(chunks, batch, heads, chunk, ...)`, right-padded with zeros."""
+    batch, seq = x.shape[:2]
+    pad = -seq % chunk_size
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+    x = x.reshape(batch, (seq + pad) // chunk_size, chunk_size, *x.shape[2:])
+    return jnp.moveaxis(x, (1, 2), (0, 3))
+
+
+def _reset_segments(reset: Bool[Array, "batch seq"], chunk_size: int) -> Array:
+    """Per-chunk segment ids `(chunks, batch, 1, chunk)`: the number of resets in chunk positions `0..i`."""
+    batch, seq = reset.shape
+    reset = jnp.pad(reset, [(0, 0), (0, -seq % chunk_size)]).reshape(batch, -1, chunk_size)
+    return jnp.cumsum(jnp.moveaxis(reset, 1, 0).astype(jnp.int32), axis=-1)[:, :, None, :]
+
+
+def _chunk_masks(segments: Array | None, chunk_size: int):
+    """`(keep, carried, to_last)` for chunk positions i, j.
+
+    `keep[i, j]`: j reaches i (j <= i, no reset in (j, i]); `carried[i]`: the carried state reaches i (no reset
+    in 0..i); `to_last[j]`: j reaches the end of the chunk. Without resets only the causal mask remains.
+    """
+    idx = jnp.arange(chunk_size)
+    causal = idx[:, None] >= idx[None, :]
+    if segments is None:
+        return causal, None, None
+    keep = causal & (segments[..., :, None] == segments[..., None, :])
+    return keep, segments == 0, segments == segments[..., -1:]
+
+
+def _check_chunk_size(chunk_size: int) -> None:
+    if chunk_size < 1:
+        raise ValueError(f"gated delta rule needs chunk_size >= 1, got {chunk_size}")
+
+
+def _from_chunks(o: Array, seq: int) -> Array:
+    """`(chunks, batch, heads, chunk, dim)` -> `(batch, seq, heads, dim)`, padding dropped."""
+    chunks, batch, heads, chunk, dim = o.shape
+    return jnp.moveaxis(o, (0, 3), (1, 2)).reshape(batch, chunks * chunk, heads, dim)[:, :seq]
+
+
+def _decay_matrix(gc: Array, keep: Array) -> Array:
+    """`exp(gc_i - gc_j)` where `keep`, else 0; masked before the exp so neither value nor gradient overflows."""
+    diff = gc[..., :, None] - gc[..., None, :]
+    return jnp.where(keep, jnp.exp(jnp.where(keep, diff, 0.0)), 0.0)
+
+
+def naive_chunk_gated_delta_rule(
+    q: Float[Array, "batch seq key_heads key_dim"],
+    k: Float[Array, "batch seq key_heads key_dim"],
+    v: Float[Array, "batch seq heads value_dim"],
+    g: Float[Array, "batch seq heads"],
+    beta: Float[Array, "batch seq heads"],
+    *,
+    chunk_size: int = 64,
+    initial_state: Float[Array, "batch heads key_dim value_dim"] | None = None,
+    reset: Bool[Array, "batch seq"] | None = None,
+    use_qk_l2norm: bool = True,
+    scale: float | None = None,
+) -> _Out:
+    """HF's chunked gated delta rule, one `lax.scan` over chunks doing all the work of each chunk.
+
+    The reference for `chunk_gated_delta_rule`; same arguments and result as `recurrent_gated_delta_rule`.
+    """
+    _check_chunk_size(chunk_size)
+    out_dtype, seq = v.dtype, v.shape[1]
+    q, k, v, g, beta, state = _prepare(q, k, v, g, beta, initial_state, reset, use_qk_l2norm, scale)
+    xs = tuple(_to_chunks(x, chunk_size) for x in (q, k, v, g, beta))
+    segments = None if reset is None else _reset_segments(reset, chunk_size)
+    eye = jnp.eye(chunk_size, dtype=jnp.bool_)
+
+    def step(state, x):
+        q, k, v, g, beta = x[:5]  # (batch, heads, chunk, ...)
+        keep, carried, to_last = _chunk_masks(None if segments is None else x[5], chunk_size)
+        gc = jnp.cumsum(g, axis=-1)
+        gamma = _decay_matrix(gc, keep)
+        k_beta, v_beta = k * beta[..., None], v * beta[..., None]
+        # strictly lower part of the UT system; with the unit diagonal it is (I + A) u = beta v
+        ut = jnp.where(keep & ~eye, (k_beta @ jnp.swapaxes(k, -1, -2)) * gamma, 0.0)
+        decay_in = jnp.exp(gc) if carried is None else jnp.where(carried, jnp.exp(gc), 0.0)
+        solve = jax.scipy.linalg.solve_triangular
+        new_values = solve(ut, v_beta, lower=True, unit_diagonal=True)
+        k_cumdecay = solve(ut, k_beta * decay_in[..., None], lower=True, unit_diagonal=True)
+        v_new = new_values - k_cumdecay @ state
+        intra = (q @ jnp.swapaxes(k, -1, -2)) * gamma
+        o = (q * decay_in[..., None]) @ state + intra @ v_new
+        decay_out = jnp.exp(gc[..., -1:] - gc)
+        chunk_decay = decay_in[..., -1]
+        if to_last is not None:
+            decay_out = jnp.where(to_last, decay_out, 0.0)
+        state = state * chunk_decay[..., None, None] + jnp.swapaxes(k * decay_out[..., None], -1, -2) @ v_new
+        return state, o
+
+    if segments is not None:
+        xs = xs + (segments,)
+    state, o = jax.lax.scan(step, state, xs)
+    return _from_chunks(o, seq).astype(out_dtype), state
+
+
+def chunk_gated_delta_rule(
+    q: Float[Array, "batch seq key_heads key_dim"],
+    k: Float[Array, "batch seq key_heads key_dim"],
+    v: Float[Array, "batch seq heads value_dim"],
+    g: Float[Array, "batch seq heads"],
+    beta: Float[Array, "batch seq heads"],
+    *,
+    chunk_size: int = 64,
+    initial_state: Float[Array, "batch heads key_dim value_dim"] | None = None,
+    reset: Bool[Array, "batch seq"] | None = None,
+    use_qk_l2norm: bool = True,
+    scale: float | None = None,
+) -> _Out:
+    """The chunked gated delta rule with all state-free work batched over chunks (the training path).
+
+    Per chunk (positions i, j; `G` the in-chunk cumsum of `g`; `Gamma_ij = exp(G_i - G_j)` for j <= i, zero
+    across a reset): the WY factors `U = (I + A)^-1 (beta V)`, `W = (I + A)^-1 (beta exp(G) K)` with
+    `A = strict_lower(beta_i (k_i . k_j) Gamma_ij)`, and the intra-chunk attention `(Q K^T) * Gamma`; then a scan
+    over chunks with `V' = U - W S`, `O = (Q exp(G)) S + intra V'`,
+    `S <- exp(G_last) S + (K exp(G_last - G))^T V'`. Same arguments and result as `recurrent_gated_delta_rule`.
+    """
+    _check_chunk_size(chunk_size)
+    out_dtype, seq, value_dim = v.dtype, v.shape[1], v.shape[3]
+    q, k, v, g, beta, state = _prepare(q, k, v, g, beta, initial_state, reset, use_qk_l2norm, scale)
+    q, k, v, g, beta = (_to_chunks(x, chunk_size) for x in (q, k, v, g, beta))  # (chunks, batch, heads, chunk, ..)
+    segments = None if reset is None else _reset_segments(reset, chunk_size)
+    keep, carried, to_last = _chunk_masks(segments, chunk_size)
+
+    gc = jnp.cumsum(g, axis=-1)
+    gamma = _decay_matrix(gc, keep)
+    k_t = jnp.swapaxes(k, -1, -2)
+    a = jnp.where(keep & ~jnp.eye(chunk_size, dtype=jnp.bool_), beta[..., None] * (k @ k_t) * gamma, 0.0)
+    # exp(G_i): how the carried state reaches position i (zero after a reset in this chunk)
+    decay_in = jnp.exp(gc) if carried is None else jnp.where(carried, jnp.exp(gc), 0.0)
+    rhs = jnp.concatenate([v * beta[..., None], k * (beta * decay_in)[..., None]], axis=-1)
+    # unit_diagonal: `a` holds only the strictly lower part, the solve is against I + a
+    uw = jax.scipy.linalg.solve_triangular(a, rhs, lower=True, unit_diagonal=True)
+    u, w = uw[..., :value_dim], uw[..., value_dim:]
+    intra = (q @ k_t) * gamma
+    q_in = q * decay_in[..., None]
+    decay_out = jnp.exp(gc[..., -1:] - gc)
+    if to_last is not None:
+        decay_out = jnp.where(to_last, decay_out, 0.0)
+    k_out = k * decay_out[..., None]
+    chunk_decay = decay_in[..., -1, None, None]
+
+    def step(state, x):
+        u, w, q_in, intra, k_out, chunk_decay = x
+        v_new = u - w @ state
+        o = q_in @ state + intra @ v_new
+        return state * chunk_decay + jnp.swapaxes(k_out, -1, -2) @ v_new, o
+
+    state, o = jax.lax.scan(step, state, (u, w, q_in, intra, k_out, chunk_decay))
+    return _from_chunks(o, seq).astype(out_dtype), state
+
+
+def gated_delta_rule(
+    q: Float[Array, "batch seq key_heads key_dim"],
+    k: Float[Array, "batch seq key_heads key_dim"],
+    v: Float[Array, "batch seq heads value_dim"],
+    g: Float[Array, "batch seq heads"],
+    beta: Float[Array, "batch seq heads"],
+    *,
+    impl: GatedDeltaImpl = "auto",
+    chunk_size: int = 64,
+    initial_state: Float[Array, "batch heads key_dim value_dim"] | None = None,
+    reset: Bool[Array, "batch seq"] | None = None,
+    use_qk_l2norm: bool = True,
+    scale: float | None = None,
+) -> _Out:
+    """The gated delta rule in the form `select_gated_delta_impl(seq, impl)` picks; returns `(o, final_state)`.
+
+    `q, k`: `(batch, seq, key_heads, key_dim)`, `v`: `(batch, seq, heads, value_dim)` with `heads` a multiple of
+    `key_heads`; `g` (log-decay, <= 0), `beta`: `(batch, seq, heads)`; `initial_state`:
+    `(batch, heads, key_dim, value_dim)` float32; `reset[b, t]`: position t starts a new sequence.
+    """
+    _check_inputs(q, k, v, g, beta, initial_state, reset)
+    kwargs = dict(initial_state=initial_state, reset=reset, use_qk_l2norm=use_qk_l2norm, scale=scale)
+    chosen = select_gated_delta_impl(v.shape[1], impl)
+    if chosen == "recurrent":
+        return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
+    form = chunk_gated_delta_rule if chosen == "chunk" else naive_chunk_gated_delta_rule
+    return form(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
