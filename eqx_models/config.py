@@ -10,10 +10,13 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+from eqx_models.layers.gated_delta import GATED_DELTA_IMPLS
+
 REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj")
 ROPE_TYPES = ("default", "linear", "yarn")
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "moe_impl", "moe_capacity_factor",
-                   "mtp_num_layers", "mtp_loss_scaling_factor")
+                   "mtp_num_layers", "mtp_loss_scaling_factor", "gated_delta_impl", "gated_delta_chunk_size")
+LAYER_TYPES = ("linear_attention", "full_attention")
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -189,3 +192,482 @@ class Qwen3MoeConfig(Qwen3Config):
     def layer_is_moe(self, layer: int) -> bool:
         """HF: MoE unless listed in `mlp_only_layers`, on every `decoder_sparse_step`-th layer."""
         return layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3NextConfig(Qwen3MoeConfig):
+    """Qwen3-Next (HF `Qwen3NextConfig`): Gated DeltaNet layers (`linear_attention`) interleaved with gated full
+    attention, MoE with a shared expert, zero-centred norms, partial RoPE. Defaults are Qwen3-Next-80B-A3B's.
+    `layer_types` defaults to `full_attention` every `full_attention_interval`-th layer, as HF does."""
+
+    model_type: ClassVar[str] = "qwen3_next"
+    architecture: ClassVar[str] = "Qwen3NextForCausalLM"
+    ignored_on_load: ClassVar[tuple[str, ...]] = ("mtp.",)  # released checkpoints' MTP head; transformers skips it
+
+    hidden_size: int = 2048
+    intermediate_size: int = 5632
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 16
+    num_key_value_heads: int = 2
+    head_dim: int = 256
+    max_position_embeddings: int = 32768
+    rope_theta: float = 10_000.0
+    partial_rotary_factor: float = 0.25
+    linear_conv_kernel_dim: int = 4
+    linear_key_head_dim: int = 128
+    linear_value_head_dim: int = 128
+    linear_num_key_heads: int = 16
+    linear_num_value_heads: int = 32
+    num_experts: int = 512
+    num_experts_per_tok: int = 10
+    moe_intermediate_size: int = 512
+    shared_expert_intermediate_size: int = 512
+    norm_topk_prob: bool = True
+    layer_types: Sequence[str] | None = None
+    full_attention_interval: int = 4
+    # runtime choices
+    gated_delta_impl: str = "auto"
+    gated_delta_chunk_size: int = 64
+
+    def __post_init__(self):
+        super().__post_init__()
+        _positive(self, "linear_conv_kernel_dim", "linear_key_head_dim", "linear_value_head_dim",
+                  "linear_num_key_heads", "linear_num_value_heads", "shared_expert_intermediate_size",
+                  "full_attention_interval", "gated_delta_chunk_size")
+        if self.linear_num_value_heads % self.linear_num_key_heads:
+            raise ValueError(
+                f"linear_num_value_heads ({self.linear_num_value_heads}) must be divisible by linear_num_key_heads "
+                f"({self.linear_num_key_heads})"
+            )
+        if not 0 < self.partial_rotary_factor <= 1 or int(self.head_dim * self.partial_rotary_factor) % 2:
+            raise ValueError(
+                f"partial_rotary_factor {self.partial_rotary_factor} must be in (0, 1] and give an even rotary dim "
+                f"of head_dim {self.head_dim}"
+            )
+        if self.use_sliding_window:
+            raise ValueError("Qwen3-Next has no sliding-window attention; use_sliding_window must be False")
+        if self.rope_scaling is not None:
+            raise ValueError(f"Qwen3-Next supports only the default RoPE, got rope_scaling {dict(self.rope_scaling)}")
+        if self.layer_types is None:
+            interval = self.full_attention_interval
+            layer_types = tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                                for i in range(self.num_hidden_layers))
+        else:
+            layer_types = tuple(self.layer_types)
+        if len(layer_types) != self.num_hidden_layers or set(layer_types) - set(LAYER_TYPES):
+            raise ValueError(
+                f"layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, got {list(layer_types)}"
+            )
+        object.__setattr__(self, "layer_types", layer_types)
+        if self.gated_delta_impl not in GATED_DELTA_IMPLS:
+            raise ValueError(f"gated_delta_impl must be one of {GATED_DELTA_IMPLS}, got {self.gated_delta_impl!r}")
+
+    __hash__ = Qwen3Config.__hash__
+
+    @classmethod
+    def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3NextConfig":
+        data = dict(data)
+        rope = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+        factor = rope.get("partial_rotary_factor", data.get("partial_rotary_factor"))
+        if factor is not None:
+            overrides = {"partial_rotary_factor": float(factor), **overrides}
+        if isinstance(data.get("layer_types"), list):
+            data["layer_types"] = tuple(data["layer_types"])
+        return super().from_hf_dict(data, **overrides)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        data = super().to_hf_dict()
+        data["rope_parameters"]["partial_rotary_factor"] = data.pop("partial_rotary_factor")
+        for name in ("full_attention_interval", "use_sliding_window", "sliding_window", "max_window_layers"):
+            data.pop(name)
+        data["layer_types"] = list(self.layer_types)
+        return data
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3-Omni encoders (the thinker's `vision_config` / `audio_config`)
+
+_ENCODER_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel")
+_ENCODER_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "silu", "relu")
+
+
+def _check_encoder_runtime(cfg: Any) -> None:
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
+    if cfg.attention_kernel not in ("auto", "dot_product", "cudnn"):
+        raise ValueError(
+            f"attention_kernel must be 'auto', 'dot_product' or 'cudnn', got {cfg.attention_kernel!r}"
+        )
+    for name in ("dtype", "param_dtype"):
+        if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(cfg, name)!r}")
+
+
+def _encoder_kwargs(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
+    names = {f.name for f in dataclasses.fields(cls)} - set(_ENCODER_RUNTIME_FIELDS)
+    return {k: v for k, v in data.items() if k in names}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3OmniVisionConfig:
+    """Qwen3-Omni vision encoder (HF `Qwen3OmniMoeVisionEncoderConfig`). Defaults are HF's class defaults
+    (Qwen3-Omni-30B-A3B's shape; its checkpoint sets `out_hidden_size=2048`). `rope_theta` is HF's
+    `rope_parameters["rope_theta"]` (rope type `axial`)."""
+
+    model_type: ClassVar[str] = "qwen3_omni_moe_vision_encoder"
+
+    depth: int = 27
+    hidden_size: int = 1152
+    hidden_act: str = "gelu_pytorch_tanh"
+    intermediate_size: int = 4304
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 16
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    out_hidden_size: int = 3584
+    num_position_embeddings: int = 2304
+    deepstack_visual_indexes: Sequence[int] = (8, 16, 24)
+    initializer_range: float = 0.02
+    rope_theta: float = 10_000.0
+    # runtime choices (not written to config.json)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_kernel: str = "auto"
+
+    def __post_init__(self):
+        _positive(self, "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
+                  "spatial_merge_size", "temporal_patch_size", "out_hidden_size", "num_position_embeddings")
+        if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be num_heads ({self.num_heads}) x a head_dim that is "
+                f"a multiple of 4 (the 2-D rotary splits each head into row and column halves)"
+            )
+        side = int(round(self.num_position_embeddings**0.5))
+        if side * side != self.num_position_embeddings:
+            raise ValueError(
+                f"num_position_embeddings must be a perfect square, got {self.num_position_embeddings}"
+            )
+        indexes = tuple(self.deepstack_visual_indexes)
+        if len(set(indexes)) != len(indexes) or any(not 0 <= i < self.depth for i in indexes):
+            raise ValueError(
+                f"deepstack_visual_indexes must be distinct block indices in [0, {self.depth}), got "
+                f"{list(indexes)}"
+            )
+        object.__setattr__(self, "deepstack_visual_indexes", indexes)
+        if self.hidden_act not in _ENCODER_ACTIVATIONS:
+            raise ValueError(
+                f"hidden_act {self.hidden_act!r} is not supported; choose one of {_ENCODER_ACTIVATIONS}"
+            )
+        if self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
+        _check_encoder_runtime(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one flattened `(channels, temporal_patch, patch, patch)` pixel row."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+    def replace(self, **changes: Any) -> "Qwen3OmniVisionConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3OmniVisionConfig":
+        """From HF's vision `config.json` dict (or the thinker's `vision_config`); unknown keys ignored."""
+        data = dict(data)
+        rope = dict(data.pop("rope_parameters", None) or {})
+        if rope.get("rope_type", "axial") != "axial":
+            raise ValueError(f"the Qwen3-Omni vision encoder supports only axial RoPE, got {rope}")
+        theta = rope.get("rope_theta", data.pop("rope_theta", None))
+        kwargs = _encoder_kwargs(cls, data)
+        if isinstance(kwargs.get("deepstack_visual_indexes"), list):
+            kwargs["deepstack_visual_indexes"] = tuple(kwargs["deepstack_visual_indexes"])
+        if theta is not None:
+            kwargs["rope_theta"] = float(theta)
+        return cls(**{**kwargs, **overrides})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _ENCODER_RUNTIME_FIELDS}
+        data["rope_parameters"] = {"rope_type": "axial", "rope_theta": data.pop("rope_theta")}
+        data["deepstack_visual_indexes"] = list(self.deepstack_visual_indexes)
+        data["model_type"] = self.model_type
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3OmniAudioConfig:
+    """Qwen3-Omni audio encoder (HF `Qwen3OmniMoeAudioEncoderConfig`); defaults are HF's class defaults.
+
+    `n_window` must be 50: HF's `_get_feat_extract_output_lengths` hard-codes 13 output tokens per full
+    100-frame chunk, which is only right for 100-frame (2 * 50) chunks. `n_window_infer` (frames) sets the
+    attention window, `13 * (n_window_infer // 100)` tokens. `dropout`, `attention_dropout`,
+    `activation_dropout`, `conv_chunksize` (HF's memory-saving split of the conv batch) and `scale_embedding`
+    (computed but unused by HF) are kept for the round trip and have no effect here.
+    """
+
+    model_type: ClassVar[str] = "qwen3_omni_moe_audio_encoder"
+
+    num_mel_bins: int = 128
+    encoder_layers: int = 32
+    encoder_attention_heads: int = 20
+    encoder_ffn_dim: int = 5120
+    d_model: int = 1280
+    dropout: float = 0.0
+    attention_dropout: float = 0.0
+    activation_function: str = "gelu"
+    activation_dropout: float = 0.0
+    scale_embedding: bool = False
+    initializer_range: float = 0.02
+    max_source_positions: int = 1500
+    n_window: int = 50
+    output_dim: int = 3584
+    n_window_infer: int = 800
+    conv_chunksize: int = 500
+    downsample_hidden_size: int = 480
+    # runtime choices (not written to config.json)
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat_policy: str = "none"
+    attention_kernel: str = "auto"
+
+    def __post_init__(self):
+        _positive(self, "num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
+                  "d_model", "max_source_positions", "n_window", "output_dim", "n_window_infer",
+                  "conv_chunksize", "downsample_hidden_size")
+        if self.n_window != 50:
+            raise ValueError(
+                f"n_window must be 50, got {self.n_window}: HF's _get_feat_extract_output_lengths hard-codes "
+                f"13 tokens per 100-frame chunk (2 * n_window frames after three stride-2 convs), so any "
+                f"other value selects the wrong valid frames; shrink num_mel_bins / d_model / "
+                f"downsample_hidden_size instead"
+            )
+        if self.n_window_infer < 2 * self.n_window:
+            raise ValueError(
+                f"n_window_infer ({self.n_window_infer}) must be at least one chunk of 2 * n_window = "
+                f"{2 * self.n_window} frames (HF's attention window is 13 * (n_window_infer // 100) tokens)"
+            )
+        if self.d_model % self.encoder_attention_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be divisible by encoder_attention_heads "
+                f"({self.encoder_attention_heads})"
+            )
+        if self.d_model % 2:
+            raise ValueError(f"d_model must be even for the sinusoidal positions, got {self.d_model}")
+        if self.max_source_positions < 13:
+            raise ValueError(
+                f"max_source_positions ({self.max_source_positions}) must cover the 13 positions of a "
+                f"100-frame chunk"
+            )
+        if self.activation_function not in _ENCODER_ACTIVATIONS:
+            raise ValueError(
+                f"activation_function {self.activation_function!r} is not supported; choose one of "
+                f"{_ENCODER_ACTIVATIONS}"
+            )
+        for name in ("dropout", "attention_dropout", "activation_dropout"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _check_encoder_runtime(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.encoder_attention_heads
+
+    @property
+    def conv_out_features(self) -> int:
+        """Input size of `conv_out`: channels x mel bins left after three stride-2 convs."""
+        return self.downsample_hidden_size * ((((self.num_mel_bins + 1) // 2 + 1) // 2 + 1) // 2)
+
+    def replace(self, **changes: Any) -> "Qwen3OmniAudioConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3OmniAudioConfig":
+        """From HF's audio `config.json` dict (or the thinker's `audio_config`); unknown keys are ignored."""
+        return cls(**{**_encoder_kwargs(cls, data), **overrides})
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _ENCODER_RUNTIME_FIELDS}
+        data["model_type"] = self.model_type
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3OmniThinkerTextConfig(Qwen3MoeConfig):
+    """The Qwen3-Omni thinker's text decoder (HF `Qwen3OmniMoeTextConfig`): Qwen3-MoE with interleaved MRoPE over
+    (temporal, height, width) positions; `mrope_section` splits the `head_dim / 2` frequencies between the three
+    axes. Defaults are Qwen3-Omni-30B-A3B's."""
+
+    model_type: ClassVar[str] = "qwen3_omni_moe_text"
+    architecture: ClassVar[str] = "Qwen3OmniMoeThinkerTextModel"
+
+    vocab_size: int = 152064
+    hidden_size: int = 2048
+    intermediate_size: int = 768
+    num_hidden_layers: int = 48
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 4
+    head_dim: int = 128
+    max_position_embeddings: int = 65536
+    rope_theta: float = 1_000_000.0
+    norm_topk_prob: bool = True  # HF's Qwen3OmniMoeTextConfig default (Qwen3MoeConfig's is False)
+    mrope_section: Sequence[int] = (24, 20, 20)
+    mrope_interleaved: bool = True  # HF writes `interleaved`; its rotary is interleaved whatever the flag says
+
+    def __post_init__(self):
+        super().__post_init__()
+        object.__setattr__(self, "mrope_section", tuple(self.mrope_section))
+        section = self.mrope_section
+        if len(section) != 3 or any(not isinstance(s, int) or s < 0 for s in section):
+            raise ValueError(f"mrope_section must be 3 non-negative ints (t, h, w), got {list(section)}")
+        if sum(section) != self.head_dim // 2:
+            raise ValueError(
+                f"mrope_section {list(section)} sums to {sum(section)}, but must sum to head_dim / 2 = "
+                f"{self.head_dim // 2}"
+            )
+        if self.rope_scaling is not None:
+            raise ValueError(f"the Omni thinker supports only the default MRoPE, got rope_scaling {dict(self.rope_scaling)}")
+        if self.use_sliding_window:
+            raise ValueError("the Omni thinker text model has no sliding-window attention")
+
+    __hash__ = Qwen3Config.__hash__
+
+    @classmethod
+    def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3OmniThinkerTextConfig":
+        rope = {**(data.get("rope_scaling") or {}), **(data.get("rope_parameters") or {})}
+        if "mrope_section" in rope:
+            overrides = {"mrope_section": tuple(rope["mrope_section"]), **overrides}
+        interleaved = rope.get("interleaved", rope.get("mrope_interleaved"))
+        if interleaved is not None:
+            overrides = {"mrope_interleaved": bool(interleaved), **overrides}
+        return super().from_hf_dict(data, **overrides)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        data = super().to_hf_dict()
+        data["rope_parameters"].update(mrope_section=list(data.pop("mrope_section")),
+                                       interleaved=data.pop("mrope_interleaved"))
+        for name in ("layer_types", "use_sliding_window", "max_window_layers", "architectures"):
+            data.pop(name)
+        return data
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3OmniThinkerConfig:
+    """Qwen3-Omni thinker (HF `Qwen3OmniMoeThinkerConfig`): text decoder, vision and audio encoders, and the
+    special token ids that place the encoders' outputs in the token stream. Token-id defaults are HF's class
+    defaults (`vision_start_token_id`, which HF reads but does not declare, is Qwen3-Omni's 151652).
+
+    Runtime choices (never written to config.json): `freeze_encoders` (stop gradients at the encoder outputs, as
+    MaxText does), and `checkpoint_prefix`, set to `"thinker."` when the config was read from a full
+    `Qwen3OmniMoeForConditionalGeneration` checkpoint (its tensors are the thinker's under that prefix).
+    """
+
+    model_type: ClassVar[str] = "qwen3_omni_moe_thinker"
+    architecture: ClassVar[str] = "Qwen3OmniMoeThinkerForConditionalGeneration"
+
+    text_config: Qwen3OmniThinkerTextConfig = dataclasses.field(default_factory=Qwen3OmniThinkerTextConfig)
+    vision_config: Qwen3OmniVisionConfig = dataclasses.field(
+        default_factory=lambda: Qwen3OmniVisionConfig(out_hidden_size=2048))
+    audio_config: Qwen3OmniAudioConfig = dataclasses.field(
+        default_factory=lambda: Qwen3OmniAudioConfig(output_dim=2048))
+    audio_token_id: int = 151646
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    audio_start_token_id: int = 151647
+    user_token_id: int = 872
+    position_id_per_seconds: int | float = 25
+    tie_word_embeddings: bool = False
+    # runtime choices
+    freeze_encoders: bool = True
+    checkpoint_prefix: str = ""
+
+    _THINKER_RUNTIME: ClassVar[tuple[str, ...]] = ("freeze_encoders", "checkpoint_prefix")
+    _TOKEN_IDS: ClassVar[tuple[str, ...]] = ("audio_token_id", "image_token_id", "video_token_id",
+                                             "vision_start_token_id", "audio_start_token_id")
+
+    def __post_init__(self):
+        checks = ((self.text_config, Qwen3OmniThinkerTextConfig, "text_config"),
+                  (self.vision_config, Qwen3OmniVisionConfig, "vision_config"),
+                  (self.audio_config, Qwen3OmniAudioConfig, "audio_config"))
+        for value, cls, name in checks:
+            if not isinstance(value, cls):
+                raise ValueError(f"Qwen3OmniThinkerConfig.{name} must be a {cls.__name__}, got {type(value).__name__}")
+        vocab = self.text_config.vocab_size
+        ids = {name: getattr(self, name) for name in self._TOKEN_IDS}
+        bad = {k: v for k, v in ids.items() if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab}
+        if bad:
+            raise ValueError(f"special token ids must be ints in [0, vocab_size={vocab}), got {bad}")
+        if len(set(ids.values())) != len(ids):
+            raise ValueError(f"special token ids must be distinct, got {ids}")
+        if not self.position_id_per_seconds > 0:
+            raise ValueError(f"position_id_per_seconds must be positive, got {self.position_id_per_seconds}")
+        hidden = self.text_config.hidden_size
+        if self.vision_config.out_hidden_size != hidden:
+            raise ValueError(
+                f"vision_config.out_hidden_size ({self.vision_config.out_hidden_size}) must equal "
+                f"text_config.hidden_size ({hidden})"
+            )
+        if self.audio_config.output_dim != hidden:
+            raise ValueError(
+                f"audio_config.output_dim ({self.audio_config.output_dim}) must equal text_config.hidden_size ({hidden})"
+            )
+        if self.tie_word_embeddings != self.text_config.tie_word_embeddings:
+            raise ValueError(
+                f"tie_word_embeddings ({self.tie_word_embeddings}) and text_config.tie_word_embeddings "
+                f"({self.text_config.tie_word_embeddings}) must agree (HF ties by the thinker-level flag)"
+            )
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+
+    @property
+    def dtype(self) -> str:
+        return self.text_config.dtype
+
+    @property
+    def param_dtype(self) -> str:
+        return self.text_config.param_dtype
+
+    def replace(self, **changes: Any) -> "Qwen3OmniThinkerConfig":
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3OmniThinkerConfig":
+        """From a thinker `config.json` (`qwen3_omni_moe_thinker`) or a full Qwen3-Omni one (`qwen3_omni_moe`,
+        thinker under `thinker_config`). Overrides naming thinker fields apply to the thinker; the encoders'
+        runtime fields (`dtype`, `param_dtype`, `remat_policy`, `attention_kernel`) to every sub-config; any other
+        override to `text_config` (e.g. `moe_impl`)."""
+        data = dict(data)
+        prefix = ""
+        if "thinker_config" in data:
+            data, prefix = dict(data["thinker_config"] or {}), "thinker."
+        names = {f.name for f in dataclasses.fields(cls)}
+        mine = {k: v for k, v in overrides.items() if k in names and not k.endswith("_config")}
+        dtypes = {k: v for k, v in overrides.items() if k in _ENCODER_RUNTIME_FIELDS}
+        text_overrides = {k: v for k, v in overrides.items() if k not in mine}
+        tie = bool(data.get("tie_word_embeddings", False))
+        text = dict(data.get("text_config") or {}, tie_word_embeddings=tie)
+        kwargs = {k: data[k] for k in cls._TOKEN_IDS + ("user_token_id", "position_id_per_seconds") if k in data}
+        return cls(
+            text_config=Qwen3OmniThinkerTextConfig.from_hf_dict(text, **text_overrides),
+            vision_config=Qwen3OmniVisionConfig.from_hf_dict(data.get("vision_config") or {}, **dtypes),
+            audio_config=Qwen3OmniAudioConfig.from_hf_dict(data.get("audio_config") or {}, **dtypes),
+            tie_word_embeddings=tie,
+            **{**kwargs, "checkpoint_prefix": prefix, **mine},
+        )
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """The thinker `config.json` transformers 5 writes (`Qwen3OmniMoeThinkerForConditionalGeneration`)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                if f.name not in self._THINKER_RUNTIME and not f.name.endswith("_config")}
+        data.update(
+            text_config=self.text_config.to_hf_dict(), vision_config=self.vision_config.to_hf_dict(),
+            audio_config=self.audio_config.to_hf_dict(), model_type=self.model_type,
+            architectures=[self.architecture], dtype=self.param_dtype,
+        )
+        return data

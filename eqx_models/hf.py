@@ -11,7 +11,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -23,8 +23,16 @@ from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from eqx_models.config import Qwen3Config, Qwen3MoeConfig
-from eqx_models.models.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+from eqx_models.config import (
+    Qwen3Config,
+    Qwen3MoeConfig,
+    Qwen3NextConfig,
+    Qwen3OmniAudioConfig,
+    Qwen3OmniThinkerConfig,
+    Qwen3OmniVisionConfig,
+)
+from eqx_models.models.qwen3 import Qwen3ForCausalLM, Qwen3MoeForCausalLM, Qwen3NextForCausalLM
+from eqx_models.models.qwen3_omni import Qwen3OmniThinkerForConditionalGeneration
 
 Transform = Callable[[np.ndarray], np.ndarray]
 
@@ -81,16 +89,14 @@ def _layers(labels: Any, num_layers: int) -> Iterator[_Layer]:
         yield _Layer(f"model.layers.{i}.", blocks[position], repeat)
 
 
-def _attention_rules(cfg: Qwen3Config, layer: _Layer) -> list[Rule]:
-    attn = layer.block.attention
-    sa, r, hf = attn.self_attention, (layer.repeat,), layer.hf + "self_attn."
+def _self_attention_rules(cfg: Qwen3Config, hf: str, sa: Any, repeat: int) -> list[Rule]:
+    """q/k/v/o projections (a gated query is `(heads, 2 * head_dim)`, HF's per-head `[query | gate]`), q/k norms
+    and the optional biases of one `Attention`."""
+    r = (repeat,)
     q_in, q_out = _in_heads(cfg.num_attention_heads)
     kv_in, kv_out = _in_heads(cfg.num_key_value_heads)
     o_in, o_out = _out_heads(cfg.num_attention_heads)
     rules = [
-        Rule(layer.hf + "input_layernorm.weight", attn.pre_self_attention_layer_norm.scale, r, _identity, _identity),
-        Rule(layer.hf + "post_attention_layernorm.weight", attn.post_self_attention_layer_norm.scale, r,
-             _identity, _identity),
         Rule(hf + "q_proj.weight", sa.query.kernel, r, q_in, q_out),
         Rule(hf + "k_proj.weight", sa.key.kernel, r, kv_in, kv_out),
         Rule(hf + "v_proj.weight", sa.value.kernel, r, kv_in, kv_out),
@@ -106,6 +112,16 @@ def _attention_rules(cfg: Qwen3Config, layer: _Layer) -> list[Rule]:
             Rule(hf + "o_proj.bias", sa.out.bias, r, _identity, _identity),
         ]
     return rules
+
+
+def _attention_rules(cfg: Qwen3Config, layer: _Layer) -> list[Rule]:
+    attn, r = layer.block.attention, (layer.repeat,)
+    return [
+        Rule(layer.hf + "input_layernorm.weight", attn.pre_self_attention_layer_norm.scale, r, _identity, _identity),
+        Rule(layer.hf + "post_attention_layernorm.weight", attn.post_self_attention_layer_norm.scale, r,
+             _identity, _identity),
+        *_self_attention_rules(cfg, layer.hf + "self_attn.", attn.self_attention, layer.repeat),
+    ]
 
 
 def _mlp_rules(hf: str, mlp: Any, repeat: int) -> list[Rule]:
@@ -149,10 +165,58 @@ def qwen3_rules(cfg: Qwen3Config, labels: Any) -> list[Rule]:
     return rules
 
 
+def _conv_weight() -> tuple[Transform, Transform]:
+    """torch depthwise `(channels, 1, kernel)` <-> ours `(kernel, channels)`."""
+    return (lambda w: w[:, 0, :].T), (lambda w: w.T[:, None, :])
+
+
+def qwen3_next_rules(cfg: Qwen3NextConfig, labels: Any) -> list[Rule]:
+    """Every tensor of an HF Qwen3-Next checkpoint (layer `i` is layer `i % period` of block repeat
+    `i // period`)."""
+    t = labels.transformer
+    rules = [
+        Rule("model.embed_tokens.weight", t.embed.embedding, (), _identity, _identity),
+        Rule("model.norm.weight", t.norm.scale, (), _identity, _identity),
+    ]
+    if not cfg.tie_word_embeddings:
+        rules.append(Rule("lm_head.weight", t.lm_head.kernel, (), _transpose, _transpose))
+    layers = t.blocks[0].layers
+    for i in range(cfg.num_hidden_layers):
+        repeat, position = divmod(i, len(layers))
+        layer, hf, r = layers[position], f"model.layers.{i}.", (repeat,)
+        rules += [
+            Rule(hf + "input_layernorm.weight", layer.input_layernorm.scale, r, _identity, _identity),
+            Rule(hf + "post_attention_layernorm.weight", layer.post_attention_layernorm.scale, r, _identity, _identity),
+        ]
+        if cfg.layer_types[i] == "linear_attention":
+            gdn, p = layer.mixer, hf + "linear_attn."
+            rules += [
+                Rule(p + "in_proj_qkvz.weight", gdn.in_proj_qkvz.kernel, r, *_in_heads(cfg.linear_num_key_heads)),
+                Rule(p + "in_proj_ba.weight", gdn.in_proj_ba.kernel, r, *_in_heads(cfg.linear_num_key_heads)),
+                Rule(p + "conv1d.weight", gdn.conv.weight, r, *_conv_weight()),
+                Rule(p + "A_log", gdn.A_log, r, _identity, _identity),
+                Rule(p + "dt_bias", gdn.dt_bias, r, _identity, _identity),
+                Rule(p + "norm.weight", gdn.norm.scale, r, _identity, _identity),
+                Rule(p + "out_proj.weight", gdn.out_proj.kernel, r, *_out_heads(cfg.linear_num_value_heads)),
+            ]
+        else:
+            rules += _self_attention_rules(cfg, hf + "self_attn.", layer.mixer.attention, repeat)
+        if cfg.layer_is_moe(i):
+            moe = layer.mlp
+            rules += _moe_rules(cfg, hf + "mlp.", moe.experts, repeat)
+            rules += _mlp_rules(hf + "mlp.shared_expert.", moe.shared_expert, repeat)
+            rules.append(Rule(hf + "mlp.shared_expert_gate.weight", moe.shared_expert_gate.kernel, r,
+                              _transpose, _transpose))
+        else:
+            rules += _mlp_rules(hf + "mlp.", layer.mlp, repeat)
+    return rules
+
+
 # model_type -> (config class, model class, rules)
 MODELS: dict[str, tuple[type, type, Callable[[Any, Any], list[Rule]]]] = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, qwen3_rules),
     "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, qwen3_rules),
+    "qwen3_next": (Qwen3NextConfig, Qwen3NextForCausalLM, qwen3_next_rules),
 }
 
 
@@ -227,27 +291,40 @@ def read_config(path: str | os.PathLike, dtype: DTypeLike | None = None, **overr
     return MODELS[model_type][0].from_hf_dict(data, **{"dtype": name, "param_dtype": name, **overrides})
 
 
-def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, **config_overrides: Any) -> eqx.Module:
-    """Loads an HF checkpoint directory (config.json + safetensors); the class follows `model_type`.
+class _Tensors:
+    """In-memory tensors (HF key -> array) with the interface of `_SafetensorsReader`."""
 
-    `dtype` sets both the parameter and compute dtype (default: the checkpoint's `dtype`, as transformers does,
-    else float32); other keyword
-    arguments override config fields (e.g. `remat_policy="full"`). No network access.
-    """
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
-    cfg = read_config(path, dtype=dtype, **config_overrides)
-    _, model_cls, rules_fn = MODELS[cfg.model_type]
-    skeleton = eqx.filter_eval_shape(model_cls, cfg, key=jax.random.key(0))
-    leaves_with_path = jax.tree_util.tree_flatten_with_path(skeleton)[0]
-    shapes = {jax.tree_util.keystr(p): leaf for p, leaf in leaves_with_path if isinstance(leaf, jax.ShapeDtypeStruct)}
-    buffers = {p: np.zeros(s.shape, np.float32) for p, s in shapes.items()}
-    covered = {p: np.zeros(s.shape, bool) for p, s in shapes.items()}
+    def __init__(self, tensors: Mapping[str, Any]):
+        self.tensors = tensors
 
-    reader = _SafetensorsReader(path)
-    rules = rules_fn(cfg, _leaf_paths(skeleton))
-    available = reader.keys()
+    def keys(self) -> set[str]:
+        return set(self.tensors)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(np.shape(self.tensors[key]))
+
+    def get(self, key: str) -> np.ndarray:
+        return np.asarray(self.tensors[key])
+
+
+def load_rules(
+    skeleton: Any,
+    rules: list[Rule],
+    tensors: Mapping[str, Any] | _SafetensorsReader,
+    *,
+    source: str = "the given tensors",
+    ignore: Callable[[str], bool] = lambda key: False,
+) -> Any:
+    """`skeleton` (a module of arrays or `jax.ShapeDtypeStruct`s) with every leaf filled through `rules` from
+    `tensors` (HF key -> array, or a checkpoint reader, read tensor by tensor), each in its skeleton dtype.
+    Strict: missing, unexpected (unless `ignore(key)`) and wrongly shaped tensors, and parameters no rule
+    covers, are all named in one ValueError."""
+    reader = tensors if isinstance(tensors, _SafetensorsReader) else _Tensors(tensors)
+    leaves = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(skeleton)[0]
+              if isinstance(leaf, jax.ShapeDtypeStruct) or eqx.is_array(leaf)}
+    buffers = {p: np.zeros(leaf.shape, np.float32) for p, leaf in leaves.items()}
+    covered = {p: np.zeros(leaf.shape, bool) for p, leaf in leaves.items()}
+    available = {key for key in reader.keys() if not ignore(key)}
     missing, wrong_shape = [], []
     for rule in rules:
         if rule.hf_key not in available:
@@ -255,7 +332,7 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, **c
             continue
         expected = rule.to_hf(np.zeros(buffers[rule.leaf][rule.index].shape, np.float32)).shape
         if reader.shape(rule.hf_key) != expected:
-            wrong_shape.append(f"{rule.hf_key}: file {reader.shape(rule.hf_key)}, expected {expected}")
+            wrong_shape.append(f"{rule.hf_key}: got {reader.shape(rule.hf_key)}, expected {expected}")
             continue
         buffers[rule.leaf][rule.index] = rule.to_ours(reader.get(rule.hf_key).astype(np.float32))
         covered[rule.leaf][rule.index] = True
@@ -269,16 +346,39 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, **c
     if wrong_shape:
         problems.append(f"wrongly shaped tensors ({len(wrong_shape)}): {_listing(wrong_shape)}")
     if uncovered and not (missing or wrong_shape):
-        problems.append(f"parameters with no checkpoint tensor: {_listing(uncovered)}")
+        problems.append(f"parameters with no tensor: {_listing(uncovered)}")
     if problems:
-        raise ValueError(f"checkpoint {path} does not match {model_cls.__name__}:\n  " + "\n  ".join(problems))
+        raise ValueError(f"cannot load {type(skeleton).__name__} from {source}:\n  " + "\n  ".join(problems))
 
-    def fill(path_, leaf):
-        if not isinstance(leaf, jax.ShapeDtypeStruct):
-            return leaf
-        return jnp.asarray(buffers[jax.tree_util.keystr(path_)], dtype=leaf.dtype)
+    def fill(path: Any, leaf: Any) -> Any:
+        name = jax.tree_util.keystr(path)
+        return jnp.asarray(buffers[name], dtype=leaf.dtype) if name in buffers else leaf
 
     return jax.tree_util.tree_map_with_path(fill, skeleton)
+
+
+def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, **config_overrides: Any) -> eqx.Module:
+    """Loads an HF checkpoint directory (config.json + safetensors); the class follows `model_type`.
+
+    `dtype` sets both the parameter and compute dtype (default: the checkpoint's `dtype`, as transformers does,
+    else float32); other keyword
+    arguments override config fields (e.g. `remat_policy="full"`). No network access.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+    cfg = read_config(path, dtype=dtype, **config_overrides)
+    _, model_cls, rules_fn = MODELS[cfg.model_type]
+    skeleton = eqx.filter_eval_shape(model_cls, cfg, key=jax.random.key(0))
+    rules = rules_fn(cfg, _leaf_paths(skeleton))
+    # a sub-model of a larger checkpoint (the thinker under `thinker.` in a full Qwen3-Omni one): read its
+    # tensors under the prefix and ignore the others (talker, code2wav), as transformers does
+    prefix = getattr(cfg, "checkpoint_prefix", "")
+    rules = [rule._replace(hf_key=prefix + rule.hf_key) for rule in rules]
+    # tensors transformers itself skips on load (Qwen3-Next's `mtp.*` multi-token-prediction head)
+    ignored = tuple(prefix + p for p in getattr(cfg, "ignored_on_load", ()))
+    return load_rules(skeleton, rules, _SafetensorsReader(path), source=f"checkpoint {path}",
+                      ignore=lambda key: not key.startswith(prefix) or key.startswith(ignored))
 
 
 def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
@@ -338,3 +438,121 @@ def _write_shards(tensors: dict[str, np.ndarray], directory: Path, max_shard_byt
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3-Omni thinker: vision and audio encoder rules (also usable on their own), the thinker's table
+
+
+def _layer_norm_rules(hf: str, norm: Any, index: tuple) -> list[Rule]:
+    return [Rule(hf + "weight", norm.scale, index, _identity, _identity),
+            Rule(hf + "bias", norm.bias, index, _identity, _identity)]
+
+
+def _linear_rules(hf: str, linear: Any, index: tuple) -> list[Rule]:
+    """torch `Linear` weight `(out, in)` and bias <-> our 2-D kernel `(in, out)` and bias."""
+    return [Rule(hf + "weight", linear.kernel, index, _transpose, _transpose),
+            Rule(hf + "bias", linear.bias, index, _identity, _identity)]
+
+
+def _plain_mlp_rules(fc1: str, fc2: str, mlp: Any, repeat: int) -> list[Rule]:
+    """A one-activation `MLP` with biases: `wi (embed, 1, hidden)` <- fc1, `wo` <- fc2."""
+    return [
+        Rule(fc1 + "weight", mlp.wi.kernel, (repeat, slice(None), 0), _transpose, _transpose),
+        Rule(fc1 + "bias", mlp.wi.bias, (repeat, 0), _identity, _identity),
+        *_linear_rules(fc2, mlp.wo, (repeat,)),
+    ]
+
+
+def _patch_merger_rules(hf: str, merger: Any) -> list[Rule]:
+    return [*_layer_norm_rules(hf + "ln_q.", merger.ln_q, ()),
+            *_linear_rules(hf + "mlp.0.", merger.mlp_0, ()),
+            *_linear_rules(hf + "mlp.2.", merger.mlp_2, ())]
+
+
+def vision_rules(cfg: Qwen3OmniVisionConfig, labels: Any, prefix: str = "visual.") -> list[Rule]:
+    """Every tensor of HF's `Qwen3OmniMoeVisionEncoder` under `prefix`, for a labelled
+    `Qwen3OmniMoeVisionEncoder` (`labels`: the encoder with leaves replaced by their path strings)."""
+    d, heads = cfg.hidden_size, cfg.num_heads
+    conv_shape = (d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    rules = [
+        # Conv3d weight (embed, C, T, P, P) == a Linear over the flattened (C, T, P, P) pixel row
+        Rule(prefix + "patch_embed.proj.weight", labels.patch_embed.proj.kernel, (),
+             lambda w: w.reshape(d, -1).T, lambda k: k.T.reshape(conv_shape)),
+        Rule(prefix + "patch_embed.proj.bias", labels.patch_embed.proj.bias, (), _identity, _identity),
+        Rule(prefix + "pos_embed.weight", labels.pos_embed.pos_embed, (), _identity, _identity),
+    ]
+    o_in, o_out = _out_heads(heads)
+    blocks = labels.blocks
+    for i in range(cfg.depth):
+        hf, r = f"{prefix}blocks.{i}.", (i,)
+        rules += [
+            *_layer_norm_rules(hf + "norm1.", blocks.norm1, r),
+            *_layer_norm_rules(hf + "norm2.", blocks.norm2, r),
+            # fused rows [q heads | k heads | v heads] <-> (embed, 3, heads, head_dim)
+            Rule(hf + "attn.qkv.weight", blocks.attn.qkv.kernel, r,
+                 lambda w: w.T.reshape(d, 3, heads, -1), lambda k: k.reshape(d, -1).T),
+            Rule(hf + "attn.qkv.bias", blocks.attn.qkv.bias, r,
+                 lambda b: b.reshape(3, heads, -1), lambda b: b.reshape(-1)),
+            Rule(hf + "attn.proj.weight", blocks.attn.proj.kernel, r, o_in, o_out),
+            Rule(hf + "attn.proj.bias", blocks.attn.proj.bias, r, _identity, _identity),
+            *_plain_mlp_rules(hf + "mlp.linear_fc1.", hf + "mlp.linear_fc2.", blocks.mlp, i),
+        ]
+    for j, merger in enumerate(labels.deepstack_mergers):
+        rules += _patch_merger_rules(f"{prefix}merger_list.{j}.", merger)
+    return rules + _patch_merger_rules(prefix + "merger.", labels.projector.merger)
+
+
+def audio_rules(cfg: Qwen3OmniAudioConfig, labels: Any, prefix: str = "audio_tower.") -> list[Rule]:
+    """Every tensor of HF's `Qwen3OmniMoeAudioEncoder` under `prefix`, for a labelled
+    `Qwen3OmniAudioEncoder`."""
+    heads = cfg.encoder_attention_heads
+    rules = []
+    for n in (1, 2, 3):
+        conv = getattr(labels, f"conv2d{n}")
+        rules += [
+            # torch (out, in, kh, kw) <-> ours (kh, kw, in, out)
+            Rule(f"{prefix}conv2d{n}.weight", conv.kernel, (), lambda w: w.transpose(2, 3, 1, 0),
+                 lambda k: k.transpose(3, 2, 0, 1)),
+            Rule(f"{prefix}conv2d{n}.bias", conv.bias, (), _identity, _identity),
+        ]
+    rules.append(Rule(prefix + "conv_out.weight", labels.conv_out.kernel, (), _transpose, _transpose))
+    in_w, in_w_hf = _in_heads(heads)
+    in_b, in_b_hf = _bias_heads(heads)
+    o_in, o_out = _out_heads(heads)
+    layers = labels.layers
+    for i in range(cfg.encoder_layers):
+        hf, r, sa = f"{prefix}layers.{i}.", (i,), layers.self_attention
+        rules += _layer_norm_rules(hf + "self_attn_layer_norm.", layers.input_layer_norm, r)
+        for name, proj in (("q_proj", sa.query), ("k_proj", sa.key), ("v_proj", sa.value)):
+            rules += [Rule(f"{hf}self_attn.{name}.weight", proj.kernel, r, in_w, in_w_hf),
+                      Rule(f"{hf}self_attn.{name}.bias", proj.bias, r, in_b, in_b_hf)]
+        rules += [
+            Rule(hf + "self_attn.out_proj.weight", sa.out.kernel, r, o_in, o_out),
+            Rule(hf + "self_attn.out_proj.bias", sa.out.bias, r, _identity, _identity),
+            *_layer_norm_rules(hf + "final_layer_norm.", layers.post_attention_layer_norm, r),
+            *_plain_mlp_rules(hf + "fc1.", hf + "fc2.", layers.mlp, i),
+        ]
+    return [
+        *rules,
+        *_layer_norm_rules(prefix + "ln_post.", labels.ln_post, ()),
+        *_linear_rules(prefix + "proj1.", labels.projector.proj1, ()),
+        *_linear_rules(prefix + "proj2.", labels.projector.proj2, ()),
+    ]
+
+
+def qwen3_omni_thinker_rules(cfg: Qwen3OmniThinkerConfig, labels: Any) -> list[Rule]:
+    """Every tensor of an HF thinker checkpoint in its own layout: the text decoder as Qwen3-MoE (`model.*`,
+    `lm_head.weight`), `visual.*`, `audio_tower.*` (a full Qwen3-Omni checkpoint adds `thinker.` in front,
+    see `checkpoint_prefix`)."""
+    return [
+        *qwen3_rules(cfg.text_config, labels),
+        *vision_rules(cfg.vision_config, labels.visual, "visual."),
+        *audio_rules(cfg.audio_config, labels.audio_tower, "audio_tower."),
+    ]
+
+
+MODELS["qwen3_omni_moe_thinker"] = (Qwen3OmniThinkerConfig, Qwen3OmniThinkerForConditionalGeneration,
+                                    qwen3_omni_thinker_rules)
+# the full model (thinker + talker + code2wav): we read its thinker; saving writes the thinker-only layout
+MODELS["qwen3_omni_moe"] = MODELS["qwen3_omni_moe_thinker"]

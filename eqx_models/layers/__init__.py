@@ -1,6 +1,6 @@
 """Building blocks with no model knowledge: projections, norms, MLPs, convolutions, embeddings."""
 
-from eqx_models.layers.conv import DepthwiseCausalConv1D as DepthwiseCausalConv1D
+from eqx_models.layers.conv import Conv2d as Conv2d, DepthwiseCausalConv1D as DepthwiseCausalConv1D
 from eqx_models.layers.embeddings import (
     Embed as Embed,
     DeepSeekV4RotaryEmbedding as DeepSeekV4RotaryEmbedding,

@@ -1,4 +1,5 @@
-"""Causal depthwise 1-D convolution with an explicit state for step-by-step decoding."""
+"""Convolutions: causal depthwise 1-D with an explicit state for step-by-step decoding (Gated DeltaNet), and a
+plain 2-D convolution (the Qwen3-Omni audio tower's stem)."""
 
 import equinox as eqx
 import jax
@@ -75,3 +76,51 @@ class DepthwiseCausalConv1D(eqx.Module):
         if reset is not None:
             new_state = jnp.where(state_valid[..., None], new_state, jnp.zeros((), self.dtype))
         return y.astype(self.dtype), new_state
+
+
+class Conv2d(eqx.Module):
+    """2-D convolution of `[batch, height, width, in]` (NHWC) with kernel `(kh, kw, in, out)`, symmetric zero
+    padding and a bias (torch `Conv2d` semantics), computed in `dtype` with `lax.conv_general_dilated`."""
+
+    kernel: Float[Array, "kh kw cin cout"]
+    bias: Float[Array, " cout"] | None
+    stride: int = eqx.field(static=True)
+    padding: int = eqx.field(static=True)
+    dtype: jnp.dtype = eqx.field(static=True)
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        *,
+        stride: int = 1,
+        padding: int = 0,
+        use_bias: bool = True,
+        dtype: DTypeLike = jnp.float32,
+        param_dtype: DTypeLike = jnp.float32,
+        key: PRNGKeyArray,
+    ):
+        if min(in_channels, out_channels, kernel_size, stride) <= 0 or padding < 0:
+            raise ValueError(
+                f"Conv2d needs positive channels/kernel/stride and padding >= 0, got in={in_channels}, "
+                f"out={out_channels}, kernel={kernel_size}, stride={stride}, padding={padding}"
+            )
+        k_w, k_b = jax.random.split(key)
+        bound = 1.0 / (in_channels * kernel_size**2) ** 0.5  # torch's default init
+        shape = (kernel_size, kernel_size, in_channels, out_channels)
+        self.kernel = jax.random.uniform(k_w, shape, param_dtype, -bound, bound)
+        self.bias = jax.random.uniform(k_b, (out_channels,), param_dtype, -bound, bound) if use_bias else None
+        self.stride, self.padding, self.dtype = stride, padding, jnp.dtype(dtype)
+
+    def __call__(
+        self, x: Float[Array, "batch height width cin"]
+    ) -> Float[Array, "batch height_out width_out cout"]:
+        if x.shape[-1] != self.kernel.shape[2]:
+            raise ValueError(f"Conv2d expects {self.kernel.shape[2]} input channels, got shape {x.shape}")
+        p, stride = self.padding, (self.stride, self.stride)
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), self.kernel.astype(self.dtype), stride, ((p, p), (p, p)),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+        )
+        return y if self.bias is None else y + self.bias.astype(self.dtype)

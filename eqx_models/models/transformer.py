@@ -66,6 +66,15 @@ def stack_layers(make_layer: Callable[[int, PRNGKeyArray], eqx.Module], kinds: S
     )
 
 
+def _add_layer_residual(
+    h: Float[Array, "batch seq embed"], residuals: Float[Array, "depth batch seq embed"], layer: Int[Array, ""]
+) -> Float[Array, "batch seq embed"]:
+    """`h + residuals[layer]` if `layer < depth`, else `h` (`layer` is traced inside the layer scan)."""
+    depth = residuals.shape[0]
+    residual = jax.lax.dynamic_index_in_dim(residuals, jnp.minimum(layer, depth - 1), keepdims=False)
+    return h + jnp.where(layer < depth, residual, jnp.zeros_like(residual)).astype(h.dtype)
+
+
 class TransformerOutput(NamedTuple):
     hidden: Float[Array, "batch seq embed"]  # after the final norm
     cache: Any  # per-block stacked caches, or None
@@ -165,22 +174,31 @@ class Transformer(eqx.Module):
         *,
         cache: Any = None,
         inputs_embeds: Float[Array, "batch seq embed"] | None = None,
+        layer_residuals: Float[Array, "depth batch seq embed"] | None = None,
         key: PRNGKeyArray | None = None,
         inference: bool = True,
     ) -> TransformerOutput:
         """Hidden states after the final norm, the updated cache and the summed layer statistics; with an MTP
-        block and `inference=False`, also the final-normed hidden states of each prediction depth."""
+        block and `inference=False`, also the final-normed hidden states of each prediction depth.
+
+        `layer_residuals[i]` is added to the hidden state after layer `i` for `i < depth` (Qwen3-VL / Omni
+        DeepStack visual features, zero outside the visual positions)."""
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
         if input_ids.ndim != 2 or hidden.shape[:2] != input_ids.shape:
             raise ValueError(f"input_ids must be [batch, seq], got {input_ids.shape}")
         if segment_ids is not None and segment_ids.shape != input_ids.shape:
             raise ValueError(f"segment_ids {segment_ids.shape} must match input_ids {input_ids.shape}")
+        if layer_residuals is not None and layer_residuals.shape[1:] != hidden.shape:
+            raise ValueError(f"layer_residuals {layer_residuals.shape} must be [depth, *{hidden.shape}]")
+        if layer_residuals is not None and layer_residuals.shape[0] == 0:
+            layer_residuals = None
         period, repeats = len(self.blocks), self.num_repeats
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
         keys = None if key is None else jax.random.split(key, (repeats, period))
+        repeat_index = None if layer_residuals is None else jnp.arange(repeats, dtype=jnp.int32)
 
         def step(h, xs):
-            block_params, block_cache, block_keys = xs
+            block_params, block_cache, block_keys, repeat = xs
             layers = eqx.combine(block_params, static)
             new_caches, stats = [], []
             for b, layer in enumerate(layers):
@@ -190,11 +208,15 @@ class Transformer(eqx.Module):
                     h, positions=positions, segment_ids=segment_ids, cache=layer_cache, key=layer_key,
                     inference=inference,
                 )
+                if layer_residuals is not None:
+                    h = _add_layer_residual(h, layer_residuals, repeat * period + b)
                 new_caches.append(layer_cache)
                 stats.append(layer_stats)
             return h, (None if block_cache is None else tuple(new_caches), tuple(stats))
 
-        hidden, (cache, stats) = jax.lax.scan(remat(step, self.remat_policy), hidden, (dynamic, cache, keys))
+        hidden, (cache, stats) = jax.lax.scan(
+            remat(step, self.remat_policy), hidden, (dynamic, cache, keys, repeat_index)
+        )
         stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
         mtp_hidden = ()
         if self.mtp is not None and not inference:

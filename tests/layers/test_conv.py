@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_next
 
-from eqx_models.layers import DepthwiseCausalConv1D
+from eqx_models.layers import Conv2d, DepthwiseCausalConv1D
 from tests.reference import assert_close
 
 B, C = 2, 12
@@ -166,3 +166,26 @@ def test_wrong_rank_and_bad_constructor(getkey):
     for channels, kernel_size in [(0, 4), (C, 0)]:
         with pytest.raises(ValueError):
             DepthwiseCausalConv1D(channels, kernel_size, key=getkey())
+
+
+@pytest.mark.parametrize(("stride", "padding", "use_bias"), [(1, 0, True), (2, 1, True), (2, 1, False)])
+def test_conv2d_matches_torch(getkey, rng, stride, padding, use_bias):
+    """`Conv2d` (NHWC, kernel HWIO) vs `torch.nn.functional.conv2d` (NCHW, OIHW) with the same weights."""
+    conv = Conv2d(3, 5, 3, stride=stride, padding=padding, use_bias=use_bias, key=getkey())
+    kernel = rng.standard_normal((3, 3, 3, 5)).astype(np.float32)
+    bias = rng.standard_normal(5).astype(np.float32)
+    conv = eqx.tree_at(lambda m: m.kernel, conv, jnp.asarray(kernel))
+    if use_bias:
+        conv = eqx.tree_at(lambda m: m.bias, conv, jnp.asarray(bias))
+    x = rng.standard_normal((2, 9, 8, 3)).astype(np.float32)
+    with torch.no_grad():
+        ref = F.conv2d(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(kernel).permute(3, 2, 0, 1),
+                       torch.from_numpy(bias) if use_bias else None, stride=stride, padding=padding)
+    assert_close(conv(jnp.asarray(x)), ref.permute(0, 2, 3, 1).numpy(), 1e-6, f"Conv2d stride={stride}")
+
+
+def test_conv2d_bad_input(getkey):
+    with pytest.raises(ValueError, match="positive"):
+        Conv2d(3, 0, 3, key=getkey())
+    with pytest.raises(ValueError, match="input channels"):
+        Conv2d(3, 5, 3, key=getkey())(jnp.zeros((1, 4, 4, 2)))
