@@ -15,6 +15,7 @@ import transformers
 import eqx_models as em
 import eqx_models.generation as gen
 from eqx_models.generation import generate, sample_token
+from tests.reference import assert_close
 
 # The tiny configs of /work/shared/reference/hf/tiny_configs.py (copied, not imported).
 HF_QWEN3 = dict(
@@ -327,6 +328,38 @@ def test_sample_token_greedy_and_dtype():
     out = sample_token(logits, None)
     assert out.dtype == jnp.int32 and out.shape == (3,)
     np.testing.assert_array_equal(np.asarray(out), np.argmax(np.asarray(logits), -1))
+
+
+# ------------------------------------------------------------------------------------- unrolled layout
+
+
+def test_unrolled_layers_equal_the_scan(tiny, tiny_greedy):
+    """`Transformer.unroll()` (what `generate` decodes with) gives the scanned stack's logits, router statistics
+    and cache contents; generating with and without it gives the same tokens."""
+    cfg = em.Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                            num_experts=4, num_experts_per_tok=2, num_hidden_layers=3, num_attention_heads=4,
+                            num_key_value_heads=2, head_dim=8, max_position_embeddings=128)
+    moe = _random_model(cfg, seed=4)
+    unrolled = eqx.tree_at(lambda m: m.transformer, moe, moe.transformer.unroll())
+    assert unrolled.transformer.unrolled and unrolled.transformer.num_layers == 3
+    assert unrolled.transformer.unroll() is unrolled.transformer
+    ids = jnp.asarray(np.random.default_rng(5).integers(0, 64, (2, 9)))
+
+    @eqx.filter_jit
+    def forward(model):
+        out = model.forward(ids, cache=model.init_cache(2, 12))
+        return model.logits(out.hidden), out.stats, out.cache
+
+    logits, stats, cache = forward(moe)
+    logits_u, stats_u, cache_u = forward(unrolled)
+    assert_close(logits_u, logits, 1e-6, "unrolled vs scanned logits")  # XLA fuses the two differently
+    np.testing.assert_allclose(np.asarray(moe.aux_loss(stats_u)), np.asarray(moe.aux_loss(stats)), rtol=1e-6)
+    for layer in range(3):
+        assert_close(cache_u[layer][0].key, cache[0].key[layer], 1e-6, f"unrolled vs scanned cache, layer {layer}")
+    np.testing.assert_array_equal(np.asarray(generate(moe, ids, 6, unroll_layers=False)),
+                                  np.asarray(generate(moe, ids, 6)))
+    ids, greedy = tiny_greedy
+    np.testing.assert_array_equal(np.asarray(generate(tiny, ids, 10, unroll_layers=False)), greedy)
 
 
 # ------------------------------------------------------------------------------------------------- tracing

@@ -185,14 +185,12 @@ class CausalLM(eqx.Module):
     def logits(self, hidden: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:
         return self.transformer.logits(hidden)
 
-    def init_cache(self, batch: int, max_length: int, *, quantized: bool = False) -> tuple[KVCache, ...]:
-        """Empty per-layer KV caches, stacked like the layers."""
+    def init_cache(self, batch: int, max_length: int, *, quantized: bool = False) -> tuple:
+        """Empty per-layer KV caches, laid out like the layers (`Transformer.stack_cache`)."""
         cfg = self.config
         one = KVCache.init(batch, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype=cfg.dtype,
                            quantized=quantized)
-        repeats = self.transformer.num_repeats
-        stacked = jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats,) + x.shape), one)
-        return tuple(stacked for _ in self.transformer.blocks)
+        return self.transformer.stack_cache(tuple(one for _ in self.transformer.pattern))
 
     def aux_loss(self, stats: Any) -> Float[Array, ""]:
         """HF's router load-balancing loss over all MoE layers (0 for dense models)."""
@@ -547,7 +545,7 @@ class Qwen3NextForCausalLM(CausalLM):
     def init_cache(self, batch: int, max_length: int, *, quantized: bool = False) -> tuple:
         """Empty generation state, stacked like the blocks: a `KVCache` per attention layer and a
         `GatedDeltaState` per Gated DeltaNet layer."""
-        cfg, block = self.config, self.transformer.blocks[0]
+        cfg, (block,) = self.config, self.transformer.pattern
         states = []
         for layer in block.layers:
             if isinstance(layer.mixer, Qwen3NextGatedDeltaNet):
@@ -556,5 +554,4 @@ class Qwen3NextForCausalLM(CausalLM):
                 one = KVCache.init(batch, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype=cfg.dtype,
                                    quantized=quantized)
             states.append(one)
-        repeats = self.transformer.num_repeats
-        return (jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats,) + x.shape), tuple(states)),)
+        return self.transformer.stack_cache((tuple(states),))

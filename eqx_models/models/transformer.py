@@ -154,17 +154,51 @@ class Transformer(eqx.Module):
         self.remat_policy, self.final_logits_soft_cap = remat_policy, final_logits_soft_cap
 
     @property
+    def unrolled(self) -> bool:
+        """True for the layout of `unroll()`: `blocks[repeat][position]`, one module per layer."""
+        return isinstance(self.blocks[0], tuple)
+
+    @property
+    def pattern(self) -> tuple[eqx.Module, ...]:
+        """The modules of one pattern period (stacked or not; for their static structure)."""
+        return self.blocks[0] if self.unrolled else self.blocks
+
+    @property
     def num_repeats(self) -> int:
-        return jax.tree.leaves(self.blocks[0])[0].shape[0]
+        return len(self.blocks) if self.unrolled else jax.tree.leaves(self.blocks[0])[0].shape[0]
 
     @property
     def num_layers(self) -> int:
-        return self.num_repeats * len(self.blocks)
+        return self.num_repeats * len(self.pattern)
 
     def layer(self, index: int) -> eqx.Module:
         """Layer `index` as an unstacked module (for inspection and tests)."""
-        repeat, position = divmod(index, len(self.blocks))
+        repeat, position = divmod(index, len(self.pattern))
+        if self.unrolled:
+            return self.blocks[repeat][position]
         return jax.tree.map(lambda leaf: leaf[repeat] if eqx.is_array(leaf) else leaf, self.blocks[position])
+
+    def unroll(self) -> "Transformer":
+        """The same stack with every layer's parameters as separate arrays, applied by a Python loop instead of a
+        scan. Batch-1 decoding is bound by reading the weights; inside a scan each step slices (copies) its
+        layer out of the stacked arrays first, which halves the bandwidth on CPU, so `generate` decodes with
+        this layout. Compile time grows with depth; the result is for inference (caches from the model's
+        `init_cache` follow the layout)."""
+        if self.unrolled:
+            return self
+        repeats = self.num_repeats
+        blocks = tuple(
+            jax.tree.map(lambda leaf: leaf[r] if eqx.is_array(leaf) else leaf, self.blocks) for r in range(repeats)
+        )
+        return eqx.tree_at(lambda t: t.blocks, self, blocks)
+
+    def stack_cache(self, per_position: tuple) -> tuple:
+        """Empty caches laid out for `forward`, from one cache per pattern position: stacked over the repeats
+        (a leading axis, like the parameters), or one tuple per repeat when `unrolled`."""
+        if self.unrolled:
+            return tuple(per_position for _ in range(self.num_repeats))
+        repeats = self.num_repeats
+        return tuple(jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats,) + x.shape), c) for c in per_position)
 
     def forward(
         self,
@@ -192,8 +226,10 @@ class Transformer(eqx.Module):
             raise ValueError(f"layer_residuals {layer_residuals.shape} must be [depth, *{hidden.shape}]")
         if layer_residuals is not None and layer_residuals.shape[0] == 0:
             layer_residuals = None
-        period, repeats = len(self.blocks), self.num_repeats
+        period, repeats = len(self.pattern), self.num_repeats
         dynamic, static = eqx.partition(self.blocks, eqx.is_array)
+        if self.unrolled:
+            static = static[0]
         keys = None if key is None else jax.random.split(key, (repeats, period))
         repeat_index = None if layer_residuals is None else jnp.arange(repeats, dtype=jnp.int32)
 
@@ -214,10 +250,19 @@ class Transformer(eqx.Module):
                 stats.append(layer_stats)
             return h, (None if block_cache is None else tuple(new_caches), tuple(stats))
 
-        hidden, (cache, stats) = jax.lax.scan(
-            remat(step, self.remat_policy), hidden, (dynamic, cache, keys, repeat_index)
-        )
-        stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
+        if self.unrolled:
+            outputs = []
+            for r in range(repeats):
+                xs = tuple(None if x is None else x[r] for x in (dynamic, cache, keys, repeat_index))
+                hidden, output = remat(step, self.remat_policy)(hidden, xs)
+                outputs.append(output)
+            cache = None if cache is None else tuple(c for c, _ in outputs)
+            stats = jax.tree.map(lambda *s: sum(s), *(s for _, s in outputs))
+        else:
+            hidden, (cache, stats) = jax.lax.scan(
+                remat(step, self.remat_policy), hidden, (dynamic, cache, keys, repeat_index)
+            )
+            stats = jax.tree.map(lambda s: jnp.sum(s, axis=0), stats)
         mtp_hidden = ()
         if self.mtp is not None and not inference:
             if positions is None:
