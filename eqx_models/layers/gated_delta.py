@@ -8,7 +8,7 @@ Per batch row and value head, with a `key_dim x value_dim` state `S` starting at
 - `naive_chunk_gated_delta_rule`: HF's `torch_chunk_gated_delta_rule`, one `lax.scan` over chunks doing
   everything per chunk.
 - `chunk_gated_delta_rule`: everything that does not depend on the carried state (decays, the WY factors from
-  one batched triangular solve, the intra-chunk attention) computed for all chunks at once; the scan over
+  one batched unit-triangular inverse, the intra-chunk attention) computed for all chunks at once; the scan over
   chunks only does the state matmuls. The training path.
 
 `gated_delta_rule(impl=...)` dispatches (`select_gated_delta_impl` says which form runs). All maths is float32;
@@ -170,6 +170,26 @@ def _from_chunks(o: Array, seq: int) -> Array:
     return jnp.moveaxis(o, (0, 3), (1, 2)).reshape(batch, chunks * chunk, heads, dim)[:, :seq]
 
 
+def unit_lower_inverse(a: Float[Array, "*batch n n"]) -> Float[Array, "*batch n n"]:
+    """`(I + a)^-1` for strictly lower triangular `a` (entries on and above the diagonal are ignored), by
+    recursive 2x2 block inversion: `[[L11, 0], [L21, L22]]^-1 = [[L11^-1, 0], [-L22^-1 L21 L11^-1, L22^-1]]`.
+
+    Only batched matmuls, which run near peak on accelerators; LAPACK's batched triangular solve on CPU also
+    deadlocks when several (simulated) devices call it at once (jaxlib 0.10).
+    """
+    n = a.shape[-1]
+    if n == 1:
+        return jnp.ones_like(a)
+    h = n // 2
+    top = unit_lower_inverse(a[..., :h, :h])
+    bottom = unit_lower_inverse(a[..., h:, h:])
+    corner = -bottom @ a[..., h:, :h] @ top
+    zeros = jnp.zeros(a.shape[:-2] + (h, n - h), a.dtype)
+    return jnp.concatenate(
+        [jnp.concatenate([top, zeros], axis=-1), jnp.concatenate([corner, bottom], axis=-1)], axis=-2
+    )
+
+
 def _decay_matrix(gc: Array, keep: Array) -> Array:
     """`exp(gc_i - gc_j)` where `keep`, else 0; masked before the exp so neither value nor gradient overflows."""
     diff = gc[..., :, None] - gc[..., None, :]
@@ -209,9 +229,9 @@ def naive_chunk_gated_delta_rule(
         # strictly lower part of the UT system; with the unit diagonal it is (I + A) u = beta v
         ut = jnp.where(keep & ~eye, (k_beta @ jnp.swapaxes(k, -1, -2)) * gamma, 0.0)
         decay_in = jnp.exp(gc) if carried is None else jnp.where(carried, jnp.exp(gc), 0.0)
-        solve = jax.scipy.linalg.solve_triangular
-        new_values = solve(ut, v_beta, lower=True, unit_diagonal=True)
-        k_cumdecay = solve(ut, k_beta * decay_in[..., None], lower=True, unit_diagonal=True)
+        inverse = unit_lower_inverse(ut)
+        new_values = inverse @ v_beta
+        k_cumdecay = inverse @ (k_beta * decay_in[..., None])
         v_new = new_values - k_cumdecay @ state
         intra = (q @ jnp.swapaxes(k, -1, -2)) * gamma
         o = (q * decay_in[..., None]) @ state + intra @ v_new
@@ -263,8 +283,7 @@ def chunk_gated_delta_rule(
     # exp(G_i): how the carried state reaches position i (zero after a reset in this chunk)
     decay_in = jnp.exp(gc) if carried is None else jnp.where(carried, jnp.exp(gc), 0.0)
     rhs = jnp.concatenate([v * beta[..., None], k * (beta * decay_in)[..., None]], axis=-1)
-    # unit_diagonal: `a` holds only the strictly lower part, the solve is against I + a
-    uw = jax.scipy.linalg.solve_triangular(a, rhs, lower=True, unit_diagonal=True)
+    uw = unit_lower_inverse(a) @ rhs
     u, w = uw[..., :value_dim], uw[..., value_dim:]
     intra = (q @ k_t) * gamma
     q_in = q * decay_in[..., None]

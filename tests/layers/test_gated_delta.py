@@ -311,3 +311,13 @@ def test_bfloat16_inputs(rng):
         assert o.dtype == jnp.bfloat16 and s.dtype == jnp.float32
         assert_close(o, o_ref, 2e-2, f"{name} bf16 output vs float32")
         assert_close(s, s_ref, 1e-5, f"{name} bf16 inputs: float32 state vs float32 run")
+
+
+@pytest.mark.parametrize("n", [1, 5, 48, 64])
+def test_unit_lower_inverse_matches_float64(rng, n):
+    """The block-recursive `(I + a)^-1` (what both chunked forms use in place of a triangular solve) vs
+    NumPy's float64 inverse; the upper triangle and diagonal of `a` must be ignored."""
+    a = rng.standard_normal((3, n, n)).astype(np.float32) * 0.3
+    lower = np.tril(a.astype(np.float64), -1)
+    ref = np.linalg.inv(np.eye(n) + lower)
+    assert_close(gd.unit_lower_inverse(jnp.asarray(a)), ref, 1e-5, f"unit_lower_inverse n={n}")

@@ -239,16 +239,16 @@ def test_greedy_generate_matches_hf_with_left_padding(default_pair):
 
 
 def test_packed_sequences_do_not_see_each_other(default_pair):
-    """A row packing [a | b] (segments 1, 2) equals a and b run separately: the GDN state and conv window restart
-    at b, attention is segment-masked."""
-    _, ours, _ = default_pair
+    """A row packing [a | b] (segments 1, 2) equals a and b run separately (HF float64 on each, see
+    `_hf_float64`): the GDN state and conv window restart at b, attention is segment-masked."""
+    hf, ours, _ = default_pair
     a, b = _ids(8, 1, 23), _ids(9, 1, 41)
     packed = jnp.asarray(np.concatenate([a, b], axis=1), jnp.int32)
     segments = jnp.asarray(np.concatenate([np.ones((1, 23)), 2 * np.ones((1, 41))], axis=1), jnp.int32)
     positions = jnp.asarray(np.concatenate([np.arange(23), np.arange(41)])[None], jnp.int32)
     logits = np.asarray(ours(packed, positions, segments))
-    assert_close(logits[:, :23], _logits(ours, jnp.asarray(a, jnp.int32)), 1e-5, "packed segment a")
-    assert_close(logits[:, 23:], _logits(ours, jnp.asarray(b, jnp.int32)), 1e-5, "packed segment b")
+    assert_close(logits[0, :23], _hf_float64(hf, a, np.ones_like(a)), 1e-5, "packed segment a")
+    assert_close(logits[0, 23:], _hf_float64(hf, b, np.ones_like(b)), 1e-5, "packed segment b")
 
 
 # ----------------------------------------------------------------------------------------------------------
