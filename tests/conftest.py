@@ -4,9 +4,16 @@ The jaxtyping import hook (with beartype) is installed by pytest itself from `--
 pyproject.toml, before this file runs; `eqx_models` must therefore only be imported by the test modules.
 """
 
-import jax
-import numpy as np
-import pytest
+import os
+
+# 8 simulated CPU devices for the sharding tests (tests/test_partitioning.py); read when jax first starts its
+# backend, so it must be set before any test touches a device. Other tests keep using the first device.
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=8".strip()
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")

@@ -313,25 +313,6 @@ def _optimizer(*args, **kwargs) -> optax.GradientTransformation:
     return _standard_promotion(make_optimizer(*args, **kwargs))
 
 
-def _standard_promotion(opt: optax.GradientTransformation) -> optax.GradientTransformation:
-    """`opt` traced under standard dtype promotion: optax's Adam bias correction computes
-    `float ** int32 count`, which the suite's strict promotion rejects. The model stays strict."""
-
-    def init(params):
-        with jax.numpy_dtype_promotion("standard"):
-            return opt.init(params)
-
-    def update(updates, state, params=None):
-        with jax.numpy_dtype_promotion("standard"):
-            return opt.update(updates, state, params)
-
-    return optax.GradientTransformation(init, update)
-
-
-def _optimizer(*args, **kwargs) -> optax.GradientTransformation:
-    return _standard_promotion(make_optimizer(*args, **kwargs))
-
-
 def _copy(tree):
     """Fresh buffers for every array (train steps donate their model and optimizer state)."""
     return jax.tree.map(lambda x: jnp.array(x, copy=True) if eqx.is_array(x) else x, tree)

@@ -11,9 +11,14 @@ Compute paths (`impl`):
 `capacity_factor=None` is dropless (capacity = number of tokens); otherwise each expert keeps
 `ceil(tokens * top_k / experts * capacity_factor)` rows and later (token, choice) pairs over capacity are
 dropped, in token order, identically in both paths.
+
+Both paths fill per-expert buffers `[experts, capacity, embed]` and hand them to one expert function
+(`RoutedMoE.forward(..., expert_fn=)`); expert parallelism (`eqx_models.partitioning.expert_parallel`) swaps in
+an all-to-all exchange around the local experts there, so the layer itself holds no sharding code.
 """
 
 import math
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import equinox as eqx
@@ -67,6 +72,22 @@ def expert_capacity(num_tokens: int, top_k: int, num_experts: int, capacity_fact
     if capacity_factor is None:
         return num_tokens
     return min(num_tokens, max(1, math.ceil(num_tokens * top_k / num_experts * capacity_factor)))
+
+
+def expert_mlp(
+    x: Float[Array, "experts capacity embed"],
+    wi: Float[Array, "experts embed acts mlp"],
+    wo: Float[Array, "experts mlp embed"],
+    activations: tuple[str, ...],
+    dtype: DTypeLike,
+) -> Float[Array, "experts capacity embed"]:
+    """Each expert's gated MLP `wo(prod act_i(x @ wi[..., i, :]))` on its buffer, one batched einsum per
+    projection."""
+    h = jnp.einsum("xce,xeam->xcam", x, wi.astype(dtype))
+    y = get_activation(activations[0])(h[..., 0, :])
+    for i, name in enumerate(activations[1:], start=1):
+        y = y * get_activation(name)(h[..., i, :])
+    return jnp.einsum("xcm,xme->xce", y, wo.astype(dtype))
 
 
 def _slots(ids: Int[Array, "tokens top_k"], valid: Bool[Array, " tokens"], num_experts: int):
@@ -132,15 +153,26 @@ class RoutedMoE(eqx.Module):
         self.wo = jax.random.truncated_normal(k_wo, -2, 2, wo_shape, param_dtype) / (0.8796 * math.sqrt(mlp_dim))
 
     def _expert_mlp(self, x: Float[Array, "experts capacity embed"]) -> Float[Array, "experts capacity embed"]:
-        h = jnp.einsum("xce,xeam->xcam", x, self.wi.astype(self.dtype))
-        y = get_activation(self.activations[0])(h[..., 0, :])
-        for i, name in enumerate(self.activations[1:], start=1):
-            y = y * get_activation(name)(h[..., i, :])
-        return jnp.einsum("xcm,xme->xce", y, self.wo.astype(self.dtype))
+        return expert_mlp(x, self.wi, self.wo, self.activations, self.dtype)
 
     def __call__(
         self, x: Float[Array, "*batch embed"], token_mask: Bool[Array, "*batch"] | None = None
     ) -> tuple[Float[Array, "*batch embed"], RouterStats]:
+        return self.forward(x, token_mask)
+
+    def forward(
+        self,
+        x: Float[Array, "*batch embed"],
+        token_mask: Bool[Array, "*batch"] | None = None,
+        *,
+        expert_fn: Callable[[Array], Array] | None = None,
+    ) -> tuple[Float[Array, "*batch embed"], RouterStats]:
+        """`__call__` with the expert computation replaceable: `expert_fn` maps the filled per-expert buffers
+        `[num_experts, capacity, embed]` (expert-major, zero rows where unused) to the expert outputs, same
+        shape; the default runs every expert here (`expert_mlp` with `self.wi`, `self.wo`). Routing, capacity
+        and the combine stay the same, so any `expert_fn` computing the same per-row function gives the same
+        result."""
+        expert_fn = self._expert_mlp if expert_fn is None else expert_fn
         shape = x.shape
         tokens = x.reshape(-1, shape[-1]).astype(self.dtype)
         valid = jnp.ones(tokens.shape[0], bool) if token_mask is None else token_mask.reshape(-1)
@@ -152,23 +184,23 @@ class RoutedMoE(eqx.Module):
         kept = (slots >= 0) & (slots < capacity)
         weights = jnp.where(kept, weights, 0.0).astype(self.dtype)
         if self.impl == "dense":
-            y = self._dense(tokens, ids, slots, kept, weights, capacity)
+            y = self._dense(tokens, ids, slots, kept, weights, capacity, expert_fn)
         else:
-            y = self._sorted(tokens, ids, slots, kept, weights, capacity)
+            y = self._sorted(tokens, ids, slots, kept, weights, capacity, expert_fn)
         valid32 = valid.astype(jnp.float32)
         counts = jnp.sum(jax.nn.one_hot(ids, self.num_experts, dtype=jnp.float32) * valid32[:, None, None], axis=(0, 1))
         stats = RouterStats(counts, jnp.sum(probs * valid32[:, None], axis=0), jnp.sum(valid32))
         return y.reshape(shape).astype(self.dtype), stats
 
-    def _dense(self, tokens, ids, slots, kept, weights, capacity):
+    def _dense(self, tokens, ids, slots, kept, weights, capacity, expert_fn):
         expert_one_hot = jax.nn.one_hot(ids, self.num_experts, dtype=self.dtype)
         slot_one_hot = jax.nn.one_hot(jnp.where(kept, slots, capacity), capacity, dtype=self.dtype)
         dispatch = jnp.einsum("tkx,tkc->txc", expert_one_hot, slot_one_hot)
         combine = jnp.einsum("tkx,tkc,tk->txc", expert_one_hot, slot_one_hot, weights)
         expert_in = jnp.einsum("txc,te->xce", dispatch, tokens)
-        return jnp.einsum("txc,xce->te", combine, self._expert_mlp(expert_in))
+        return jnp.einsum("txc,xce->te", combine, expert_fn(expert_in))
 
-    def _sorted(self, tokens, ids, slots, kept, weights, capacity):
+    def _sorted(self, tokens, ids, slots, kept, weights, capacity, expert_fn):
         num_tokens, top_k = ids.shape
         # Flat buffer row of each kept (token, choice); dropped pairs go to a scratch row past the end.
         row = jnp.where(kept, ids * capacity + slots, self.num_experts * capacity)
@@ -177,7 +209,7 @@ class RoutedMoE(eqx.Module):
         source = source.at[row.reshape(-1)].set(token_of_pair.reshape(-1).astype(jnp.int32))[:-1]
         padded = jnp.concatenate([tokens, jnp.zeros((1, tokens.shape[1]), tokens.dtype)])
         expert_in = padded[source].reshape(self.num_experts, capacity, -1)
-        expert_out = self._expert_mlp(expert_in).reshape(self.num_experts * capacity, -1)
+        expert_out = expert_fn(expert_in).reshape(self.num_experts * capacity, -1)
         expert_out = jnp.concatenate([expert_out, jnp.zeros((1, expert_out.shape[1]), expert_out.dtype)])
         gathered = expert_out[row]
         return jnp.einsum("tke,tk->te", gathered, weights)
