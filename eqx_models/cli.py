@@ -12,7 +12,9 @@ from importlib import resources
 from pathlib import Path
 
 import eqx_models
+from eqx_models.hf import MODELS
 
+CAUSAL_LMS = ("qwen3", "qwen3_moe", "qwen3_next")
 TINY = dict(
     vocab_size=256, hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10_000.0,
@@ -46,15 +48,21 @@ def _load_config(model: str):
         data = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise CLIError(f"{path} is not valid JSON: {e}") from None
-    cls = eqx_models.Qwen3MoeConfig if data.get("model_type") == "qwen3_moe" else eqx_models.Qwen3Config
     try:
-        return cls.from_hf_dict(data)
+        return _config_class(data.get("model_type", "qwen3")).from_hf_dict(data)
     except (TypeError, ValueError, KeyError) as e:
         raise CLIError(f"{path} is not a usable config: {e}") from None
 
 
+def _config_class(model_type: str):
+    """The config class of a causal LM `model_type` (the `eqx-models` command trains text-only models)."""
+    if model_type not in CAUSAL_LMS:
+        raise CLIError(f"model_type {model_type!r} is not a causal LM this command trains; use one of {CAUSAL_LMS}")
+    return MODELS[model_type][0]
+
+
 def _model_class(cfg):
-    return eqx_models.Qwen3MoeForCausalLM if isinstance(cfg, eqx_models.Qwen3MoeConfig) else eqx_models.Qwen3ForCausalLM
+    return MODELS[cfg.model_type][1]
 
 
 def _save_run_config(out: Path, cfg) -> None:
@@ -67,7 +75,7 @@ def _read_run_config(checkpoint: Path):
     if not file.exists():
         raise CLIError(f"{checkpoint} is not an eqx-models checkpoint directory (no {RUN_CONFIG})")
     data = json.loads(file.read_text())
-    cls = eqx_models.Qwen3MoeConfig if data.pop("model_type") == "qwen3_moe" else eqx_models.Qwen3Config
+    cls = _config_class(data.pop("model_type"))
     if data.get("rope_scaling") is not None:
         data["rope_scaling"] = dict(data["rope_scaling"])
     return cls(**data)
@@ -98,7 +106,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from eqx_models.checkpoint import Checkpointer
-    from eqx_models.training import lm_loss, make_optimizer, make_train_step
+    from eqx_models.training import make_optimizer, make_train_step
 
     cfg = _load_config(args.model)
     if args.data:
@@ -211,6 +219,43 @@ def cmd_convert(args: argparse.Namespace) -> None:
         raise CLIError(f"{source} is neither an HF checkpoint (config.json) nor an eqx-models one ({RUN_CONFIG})")
 
 
+BENCHMARKS = ("train_step", "attention", "gated_delta", "moe", "decode", "compile_time", "hf_anchor", "cpu_vs_torch")
+
+
+def benchmarks_dir(given: str | None = None) -> Path:
+    """The benchmark scripts: `--dir`, else `benchmarks/` of the source checkout this package runs from."""
+    path = Path(given) if given else Path(__file__).resolve().parent.parent / "benchmarks"
+    if not all((path / f"{name}.py").is_file() for name in ("common", *BENCHMARKS)):
+        raise CLIError(f"no benchmark scripts in {path}: `bench` needs the source checkout (pip install -e .) "
+                       "or --dir pointing at its benchmarks/ folder")
+    return path
+
+
+def cmd_bench(args: argparse.Namespace) -> None:
+    import shlex
+    import subprocess
+
+    unknown = [name for name in args.names if name not in BENCHMARKS]
+    if unknown:
+        raise CLIError(f"unknown benchmark {', '.join(unknown)}; choose from {', '.join(BENCHMARKS)}")
+    if (args.iters is not None and args.iters < 1) or (args.warmup is not None and args.warmup < 0):
+        raise CLIError("--iters must be >= 1 and --warmup >= 0")
+    directory = benchmarks_dir(args.dir)
+    flags = ["--small"] * args.small + ["--record"] * args.record
+    for name in ("warmup", "iters", "results"):
+        if getattr(args, name) is not None:
+            flags += [f"--{name}", str(getattr(args, name))]
+    flags += shlex.split(args.script_args)
+    failed = []
+    for name in args.names or BENCHMARKS:
+        print(f"== {name}", flush=True)
+        code = subprocess.call([sys.executable, str(directory / f"{name}.py"), *flags])
+        if code:
+            failed.append(f"{name} (exit {code})")
+    if failed:
+        raise CLIError(f"benchmark failed: {', '.join(failed)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="eqx-models", description="MaxText's model stack in Equinox.")
     parser.add_argument("--version", action="version", version=f"eqx-models {eqx_models.__version__}")
@@ -243,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("source")
     convert.add_argument("dest")
     convert.set_defaults(func=cmd_convert)
+
+    bench = sub.add_parser("bench", help="run benchmark scripts (one JSON line per measurement)",
+                           description="Runs benchmarks/NAME.py for each NAME (default: all) from the source "
+                                       "checkout; each prints one JSON line per measurement. Default sizes are the "
+                                       "GPU workloads; on a CPU pass --small.")
+    bench.add_argument("names", nargs="*", metavar="NAME", help=f"any of: {', '.join(BENCHMARKS)}")
+    bench.add_argument("--small", action="store_true", help="tiny shapes that run on a CPU in seconds")
+    bench.add_argument("--record", action="store_true", help="append the results to benchmarks/RESULTS.md")
+    bench.add_argument("--results", default=None, help="the results file --record appends to")
+    bench.add_argument("--warmup", type=int, default=None, help="untimed runs first (script default)")
+    bench.add_argument("--iters", type=int, default=None, help="timed runs, median reported (script default)")
+    bench.add_argument("--dir", default=None, help="the benchmarks/ folder (default: the source checkout's)")
+    bench.add_argument("--script-args", default="", metavar="'ARGS'",
+                       help="more flags for every script, one quoted string: --script-args='--impls sorted'")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
