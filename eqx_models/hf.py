@@ -147,15 +147,20 @@ def _moe_rules(cfg: Qwen3MoeConfig, hf: str, moe: Any, repeat: int) -> list[Rule
     return rules
 
 
-def qwen3_rules(cfg: Qwen3Config, labels: Any) -> list[Rule]:
-    """Every tensor of an HF Qwen3 / Qwen3-MoE checkpoint."""
-    t = labels.transformer
+def _outer_rules(cfg: Qwen3Config, t: Any) -> list[Rule]:
+    """The token embedding, final norm and (untied) LM head of a decoder `Transformer`."""
     rules = [
         Rule("model.embed_tokens.weight", t.embed.embedding, (), _identity, _identity),
         Rule("model.norm.weight", t.norm.scale, (), _identity, _identity),
     ]
     if not cfg.tie_word_embeddings:
         rules.append(Rule("lm_head.weight", t.lm_head.kernel, (), _transpose, _transpose))
+    return rules
+
+
+def qwen3_rules(cfg: Qwen3Config, labels: Any) -> list[Rule]:
+    """Every tensor of an HF Qwen3 / Qwen3-MoE checkpoint."""
+    rules = _outer_rules(cfg, labels.transformer)
     for layer in _layers(labels, cfg.num_hidden_layers):
         rules += _attention_rules(cfg, layer)
         if hasattr(layer.block, "moe_block"):
@@ -174,12 +179,7 @@ def qwen3_next_rules(cfg: Qwen3NextConfig, labels: Any) -> list[Rule]:
     """Every tensor of an HF Qwen3-Next checkpoint (layer `i` is layer `i % period` of block repeat
     `i // period`)."""
     t = labels.transformer
-    rules = [
-        Rule("model.embed_tokens.weight", t.embed.embedding, (), _identity, _identity),
-        Rule("model.norm.weight", t.norm.scale, (), _identity, _identity),
-    ]
-    if not cfg.tie_word_embeddings:
-        rules.append(Rule("lm_head.weight", t.lm_head.kernel, (), _transpose, _transpose))
+    rules = _outer_rules(cfg, t)
     layers = t.blocks[0].layers
     for i in range(cfg.num_hidden_layers):
         repeat, position = divmod(i, len(layers))
