@@ -78,6 +78,11 @@ def generate(
     already unrolled model (`eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())`, no copy)
     or `unroll_layers=False`.
     """
+    if not hasattr(model, "init_cache"):
+        raise ValueError(
+            f"generate needs a causal LM with a generation state (Qwen3, Qwen3-MoE, Qwen3-Next); "
+            f"{type(model).__name__} has none"
+        )
     vocab = model.config.vocab_size
     _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab)
     if attention_mask is None:

@@ -427,3 +427,13 @@ def test_bad_input_raises_under_the_type_hook(tiny):
         generate(tiny, jnp.zeros((2, 5), jnp.int32), 3, attention_mask=jnp.ones((2, 4), jnp.int32))
     with pytest.raises(ValueError, match="max_new_tokens"):
         generate(tiny, jnp.zeros((2, 5), jnp.int32), 0)
+
+
+def test_model_without_generation_state_is_a_clear_error():
+    """The Omni thinker has no cache yet: a ValueError naming it, not an AttributeError from deep inside (shapes
+    only: the default 30B-A3B config allocates nothing)."""
+    thinker = eqx.filter_eval_shape(em.Qwen3OmniThinkerForConditionalGeneration, em.Qwen3OmniThinkerConfig(),
+                                    key=jax.random.key(0))
+    with pytest.raises(ValueError, match="Qwen3OmniThinkerForConditionalGeneration has none"):
+        generate(thinker, jnp.zeros((1, 4), jnp.int32), 2)
+
