@@ -19,6 +19,19 @@ _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "
 LAYER_TYPES = ("linear_attention", "full_attention")
 
 
+def _check_runtime(cfg: Any) -> None:
+    """The runtime choices every config shares: remat policy, attention kernel, dtypes."""
+    if cfg.remat_policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
+    if cfg.attention_kernel not in ("auto", "dot_product", "cudnn"):
+        raise ValueError(
+            f"attention_kernel must be 'auto', 'dot_product' or 'cudnn', got {cfg.attention_kernel!r}"
+        )
+    for name in ("dtype", "param_dtype"):
+        if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(cfg, name)!r}")
+
+
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -84,13 +97,7 @@ class Qwen3Config:
             raise ValueError(f"use_sliding_window needs sliding_window >= 1, got {self.sliding_window}")
         if not isinstance(self.mtp_num_layers, int) or self.mtp_num_layers < 0:
             raise ValueError(f"mtp_num_layers must be a non-negative int, got {self.mtp_num_layers!r}")
-        if self.remat_policy not in REMAT_POLICIES:
-            raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {self.remat_policy!r}")
-        if self.attention_kernel not in ("auto", "dot_product", "cudnn"):
-            raise ValueError(f"attention_kernel must be 'auto', 'dot_product' or 'cudnn', got {self.attention_kernel!r}")
-        for name in ("dtype", "param_dtype"):
-            if getattr(self, name) not in ("float32", "bfloat16", "float16"):
-                raise ValueError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(self, name)!r}")
+        _check_runtime(self)
         if self.hidden_act not in ("silu", "gelu", "gelu_pytorch_tanh", "relu"):
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported")
 
@@ -291,18 +298,6 @@ _ENCODER_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_ke
 _ENCODER_ACTIVATIONS = ("gelu", "gelu_pytorch_tanh", "gelu_new", "silu", "relu")
 
 
-def _check_encoder_runtime(cfg: Any) -> None:
-    if cfg.remat_policy not in REMAT_POLICIES:
-        raise ValueError(f"remat_policy must be one of {REMAT_POLICIES}, got {cfg.remat_policy!r}")
-    if cfg.attention_kernel not in ("auto", "dot_product", "cudnn"):
-        raise ValueError(
-            f"attention_kernel must be 'auto', 'dot_product' or 'cudnn', got {cfg.attention_kernel!r}"
-        )
-    for name in ("dtype", "param_dtype"):
-        if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
-            raise ValueError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(cfg, name)!r}")
-
-
 def _encoder_kwargs(cls: type, data: Mapping[str, Any]) -> dict[str, Any]:
     names = {f.name for f in dataclasses.fields(cls)} - set(_ENCODER_RUNTIME_FIELDS)
     return {k: v for k, v in data.items() if k in names}
@@ -362,7 +357,7 @@ class Qwen3OmniVisionConfig:
             )
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
-        _check_encoder_runtime(self)
+        _check_runtime(self)
 
     @property
     def head_dim(self) -> int:
@@ -471,7 +466,7 @@ class Qwen3OmniAudioConfig:
         for name in ("dropout", "attention_dropout", "activation_dropout"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
-        _check_encoder_runtime(self)
+        _check_runtime(self)
 
     @property
     def head_dim(self) -> int:

@@ -212,11 +212,127 @@ def qwen3_next_rules(cfg: Qwen3NextConfig, labels: Any) -> list[Rule]:
     return rules
 
 
-# model_type -> (config class, model class, rules)
+# ----------------------------------------------------------------------------------------------------------
+# Qwen3-Omni thinker: vision and audio encoder rules (also usable on their own), the thinker's table
+
+
+def _layer_norm_rules(hf: str, norm: Any, index: tuple) -> list[Rule]:
+    return [Rule(hf + "weight", norm.scale, index, _identity, _identity),
+            Rule(hf + "bias", norm.bias, index, _identity, _identity)]
+
+
+def _linear_rules(hf: str, linear: Any, index: tuple) -> list[Rule]:
+    """torch `Linear` weight `(out, in)` and bias <-> our 2-D kernel `(in, out)` and bias."""
+    return [Rule(hf + "weight", linear.kernel, index, _transpose, _transpose),
+            Rule(hf + "bias", linear.bias, index, _identity, _identity)]
+
+
+def _plain_mlp_rules(fc1: str, fc2: str, mlp: Any, repeat: int) -> list[Rule]:
+    """A one-activation `MLP` with biases: `wi (embed, 1, hidden)` <- fc1, `wo` <- fc2."""
+    return [
+        Rule(fc1 + "weight", mlp.wi.kernel, (repeat, slice(None), 0), _transpose, _transpose),
+        Rule(fc1 + "bias", mlp.wi.bias, (repeat, 0), _identity, _identity),
+        *_linear_rules(fc2, mlp.wo, (repeat,)),
+    ]
+
+
+def _patch_merger_rules(hf: str, merger: Any) -> list[Rule]:
+    return [*_layer_norm_rules(hf + "ln_q.", merger.ln_q, ()),
+            *_linear_rules(hf + "mlp.0.", merger.mlp_0, ()),
+            *_linear_rules(hf + "mlp.2.", merger.mlp_2, ())]
+
+
+def vision_rules(cfg: Qwen3OmniVisionConfig, labels: Any, prefix: str = "visual.") -> list[Rule]:
+    """Every tensor of HF's `Qwen3OmniMoeVisionEncoder` under `prefix`, for a labelled
+    `Qwen3OmniMoeVisionEncoder` (`labels`: the encoder with leaves replaced by their path strings)."""
+    d, heads = cfg.hidden_size, cfg.num_heads
+    conv_shape = (d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+    rules = [
+        # Conv3d weight (embed, C, T, P, P) == a Linear over the flattened (C, T, P, P) pixel row
+        Rule(prefix + "patch_embed.proj.weight", labels.patch_embed.proj.kernel, (),
+             lambda w: w.reshape(d, -1).T, lambda k: k.T.reshape(conv_shape)),
+        Rule(prefix + "patch_embed.proj.bias", labels.patch_embed.proj.bias, (), _identity, _identity),
+        Rule(prefix + "pos_embed.weight", labels.pos_embed.pos_embed, (), _identity, _identity),
+    ]
+    o_in, o_out = _out_heads(heads)
+    blocks = labels.blocks
+    for i in range(cfg.depth):
+        hf, r = f"{prefix}blocks.{i}.", (i,)
+        rules += [
+            *_layer_norm_rules(hf + "norm1.", blocks.norm1, r),
+            *_layer_norm_rules(hf + "norm2.", blocks.norm2, r),
+            # fused rows [q heads | k heads | v heads] <-> (embed, 3, heads, head_dim)
+            Rule(hf + "attn.qkv.weight", blocks.attn.qkv.kernel, r,
+                 lambda w: w.T.reshape(d, 3, heads, -1), lambda k: k.reshape(d, -1).T),
+            Rule(hf + "attn.qkv.bias", blocks.attn.qkv.bias, r,
+                 lambda b: b.reshape(3, heads, -1), lambda b: b.reshape(-1)),
+            Rule(hf + "attn.proj.weight", blocks.attn.proj.kernel, r, o_in, o_out),
+            Rule(hf + "attn.proj.bias", blocks.attn.proj.bias, r, _identity, _identity),
+            *_plain_mlp_rules(hf + "mlp.linear_fc1.", hf + "mlp.linear_fc2.", blocks.mlp, i),
+        ]
+    for j, merger in enumerate(labels.deepstack_mergers):
+        rules += _patch_merger_rules(f"{prefix}merger_list.{j}.", merger)
+    return rules + _patch_merger_rules(prefix + "merger.", labels.projector.merger)
+
+
+def audio_rules(cfg: Qwen3OmniAudioConfig, labels: Any, prefix: str = "audio_tower.") -> list[Rule]:
+    """Every tensor of HF's `Qwen3OmniMoeAudioEncoder` under `prefix`, for a labelled
+    `Qwen3OmniAudioEncoder`."""
+    heads = cfg.encoder_attention_heads
+    rules = []
+    for n in (1, 2, 3):
+        conv = getattr(labels, f"conv2d{n}")
+        rules += [
+            # torch (out, in, kh, kw) <-> ours (kh, kw, in, out)
+            Rule(f"{prefix}conv2d{n}.weight", conv.kernel, (), lambda w: w.transpose(2, 3, 1, 0),
+                 lambda k: k.transpose(3, 2, 0, 1)),
+            Rule(f"{prefix}conv2d{n}.bias", conv.bias, (), _identity, _identity),
+        ]
+    rules.append(Rule(prefix + "conv_out.weight", labels.conv_out.kernel, (), _transpose, _transpose))
+    in_w, in_w_hf = _in_heads(heads)
+    in_b, in_b_hf = _bias_heads(heads)
+    o_in, o_out = _out_heads(heads)
+    layers = labels.layers
+    for i in range(cfg.encoder_layers):
+        hf, r, sa = f"{prefix}layers.{i}.", (i,), layers.self_attention
+        rules += _layer_norm_rules(hf + "self_attn_layer_norm.", layers.input_layer_norm, r)
+        for name, proj in (("q_proj", sa.query), ("k_proj", sa.key), ("v_proj", sa.value)):
+            rules += [Rule(f"{hf}self_attn.{name}.weight", proj.kernel, r, in_w, in_w_hf),
+                      Rule(f"{hf}self_attn.{name}.bias", proj.bias, r, in_b, in_b_hf)]
+        rules += [
+            Rule(hf + "self_attn.out_proj.weight", sa.out.kernel, r, o_in, o_out),
+            Rule(hf + "self_attn.out_proj.bias", sa.out.bias, r, _identity, _identity),
+            *_layer_norm_rules(hf + "final_layer_norm.", layers.post_attention_layer_norm, r),
+            *_plain_mlp_rules(hf + "fc1.", hf + "fc2.", layers.mlp, i),
+        ]
+    return [
+        *rules,
+        *_layer_norm_rules(prefix + "ln_post.", labels.ln_post, ()),
+        *_linear_rules(prefix + "proj1.", labels.projector.proj1, ()),
+        *_linear_rules(prefix + "proj2.", labels.projector.proj2, ()),
+    ]
+
+
+def qwen3_omni_thinker_rules(cfg: Qwen3OmniThinkerConfig, labels: Any) -> list[Rule]:
+    """Every tensor of an HF thinker checkpoint in its own layout: the text decoder as Qwen3-MoE (`model.*`,
+    `lm_head.weight`), `visual.*`, `audio_tower.*` (a full Qwen3-Omni checkpoint adds `thinker.` in front,
+    see `checkpoint_prefix`)."""
+    return [
+        *qwen3_rules(cfg.text_config, labels),
+        *vision_rules(cfg.vision_config, labels.visual, "visual."),
+        *audio_rules(cfg.audio_config, labels.audio_tower, "audio_tower."),
+    ]
+
+
+# model_type -> (config class, model class, rules); a full Qwen3-Omni checkpoint (thinker + talker + code2wav)
+# loads as its thinker, and saving writes the thinker-only layout
 MODELS: dict[str, tuple[type, type, Callable[[Any, Any], list[Rule]]]] = {
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, qwen3_rules),
     "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, qwen3_rules),
     "qwen3_next": (Qwen3NextConfig, Qwen3NextForCausalLM, qwen3_next_rules),
+    "qwen3_omni_moe_thinker": (Qwen3OmniThinkerConfig, Qwen3OmniThinkerForConditionalGeneration,
+                               qwen3_omni_thinker_rules),
+    "qwen3_omni_moe": (Qwen3OmniThinkerConfig, Qwen3OmniThinkerForConditionalGeneration, qwen3_omni_thinker_rules),
 }
 
 
@@ -361,8 +477,8 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, **c
     """Loads an HF checkpoint directory (config.json + safetensors); the class follows `model_type`.
 
     `dtype` sets both the parameter and compute dtype (default: the checkpoint's `dtype`, as transformers does,
-    else float32); other keyword
-    arguments override config fields (e.g. `remat_policy="full"`). No network access.
+    else float32); other keyword arguments override config fields (e.g. `remat_policy="full"`). No network
+    access.
     """
     path = Path(path)
     if not path.is_dir():
@@ -438,121 +554,3 @@ def _write_shards(tensors: dict[str, np.ndarray], directory: Path, max_shard_byt
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Qwen3-Omni thinker: vision and audio encoder rules (also usable on their own), the thinker's table
-
-
-def _layer_norm_rules(hf: str, norm: Any, index: tuple) -> list[Rule]:
-    return [Rule(hf + "weight", norm.scale, index, _identity, _identity),
-            Rule(hf + "bias", norm.bias, index, _identity, _identity)]
-
-
-def _linear_rules(hf: str, linear: Any, index: tuple) -> list[Rule]:
-    """torch `Linear` weight `(out, in)` and bias <-> our 2-D kernel `(in, out)` and bias."""
-    return [Rule(hf + "weight", linear.kernel, index, _transpose, _transpose),
-            Rule(hf + "bias", linear.bias, index, _identity, _identity)]
-
-
-def _plain_mlp_rules(fc1: str, fc2: str, mlp: Any, repeat: int) -> list[Rule]:
-    """A one-activation `MLP` with biases: `wi (embed, 1, hidden)` <- fc1, `wo` <- fc2."""
-    return [
-        Rule(fc1 + "weight", mlp.wi.kernel, (repeat, slice(None), 0), _transpose, _transpose),
-        Rule(fc1 + "bias", mlp.wi.bias, (repeat, 0), _identity, _identity),
-        *_linear_rules(fc2, mlp.wo, (repeat,)),
-    ]
-
-
-def _patch_merger_rules(hf: str, merger: Any) -> list[Rule]:
-    return [*_layer_norm_rules(hf + "ln_q.", merger.ln_q, ()),
-            *_linear_rules(hf + "mlp.0.", merger.mlp_0, ()),
-            *_linear_rules(hf + "mlp.2.", merger.mlp_2, ())]
-
-
-def vision_rules(cfg: Qwen3OmniVisionConfig, labels: Any, prefix: str = "visual.") -> list[Rule]:
-    """Every tensor of HF's `Qwen3OmniMoeVisionEncoder` under `prefix`, for a labelled
-    `Qwen3OmniMoeVisionEncoder` (`labels`: the encoder with leaves replaced by their path strings)."""
-    d, heads = cfg.hidden_size, cfg.num_heads
-    conv_shape = (d, cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-    rules = [
-        # Conv3d weight (embed, C, T, P, P) == a Linear over the flattened (C, T, P, P) pixel row
-        Rule(prefix + "patch_embed.proj.weight", labels.patch_embed.proj.kernel, (),
-             lambda w: w.reshape(d, -1).T, lambda k: k.T.reshape(conv_shape)),
-        Rule(prefix + "patch_embed.proj.bias", labels.patch_embed.proj.bias, (), _identity, _identity),
-        Rule(prefix + "pos_embed.weight", labels.pos_embed.pos_embed, (), _identity, _identity),
-    ]
-    o_in, o_out = _out_heads(heads)
-    blocks = labels.blocks
-    for i in range(cfg.depth):
-        hf, r = f"{prefix}blocks.{i}.", (i,)
-        rules += [
-            *_layer_norm_rules(hf + "norm1.", blocks.norm1, r),
-            *_layer_norm_rules(hf + "norm2.", blocks.norm2, r),
-            # fused rows [q heads | k heads | v heads] <-> (embed, 3, heads, head_dim)
-            Rule(hf + "attn.qkv.weight", blocks.attn.qkv.kernel, r,
-                 lambda w: w.T.reshape(d, 3, heads, -1), lambda k: k.reshape(d, -1).T),
-            Rule(hf + "attn.qkv.bias", blocks.attn.qkv.bias, r,
-                 lambda b: b.reshape(3, heads, -1), lambda b: b.reshape(-1)),
-            Rule(hf + "attn.proj.weight", blocks.attn.proj.kernel, r, o_in, o_out),
-            Rule(hf + "attn.proj.bias", blocks.attn.proj.bias, r, _identity, _identity),
-            *_plain_mlp_rules(hf + "mlp.linear_fc1.", hf + "mlp.linear_fc2.", blocks.mlp, i),
-        ]
-    for j, merger in enumerate(labels.deepstack_mergers):
-        rules += _patch_merger_rules(f"{prefix}merger_list.{j}.", merger)
-    return rules + _patch_merger_rules(prefix + "merger.", labels.projector.merger)
-
-
-def audio_rules(cfg: Qwen3OmniAudioConfig, labels: Any, prefix: str = "audio_tower.") -> list[Rule]:
-    """Every tensor of HF's `Qwen3OmniMoeAudioEncoder` under `prefix`, for a labelled
-    `Qwen3OmniAudioEncoder`."""
-    heads = cfg.encoder_attention_heads
-    rules = []
-    for n in (1, 2, 3):
-        conv = getattr(labels, f"conv2d{n}")
-        rules += [
-            # torch (out, in, kh, kw) <-> ours (kh, kw, in, out)
-            Rule(f"{prefix}conv2d{n}.weight", conv.kernel, (), lambda w: w.transpose(2, 3, 1, 0),
-                 lambda k: k.transpose(3, 2, 0, 1)),
-            Rule(f"{prefix}conv2d{n}.bias", conv.bias, (), _identity, _identity),
-        ]
-    rules.append(Rule(prefix + "conv_out.weight", labels.conv_out.kernel, (), _transpose, _transpose))
-    in_w, in_w_hf = _in_heads(heads)
-    in_b, in_b_hf = _bias_heads(heads)
-    o_in, o_out = _out_heads(heads)
-    layers = labels.layers
-    for i in range(cfg.encoder_layers):
-        hf, r, sa = f"{prefix}layers.{i}.", (i,), layers.self_attention
-        rules += _layer_norm_rules(hf + "self_attn_layer_norm.", layers.input_layer_norm, r)
-        for name, proj in (("q_proj", sa.query), ("k_proj", sa.key), ("v_proj", sa.value)):
-            rules += [Rule(f"{hf}self_attn.{name}.weight", proj.kernel, r, in_w, in_w_hf),
-                      Rule(f"{hf}self_attn.{name}.bias", proj.bias, r, in_b, in_b_hf)]
-        rules += [
-            Rule(hf + "self_attn.out_proj.weight", sa.out.kernel, r, o_in, o_out),
-            Rule(hf + "self_attn.out_proj.bias", sa.out.bias, r, _identity, _identity),
-            *_layer_norm_rules(hf + "final_layer_norm.", layers.post_attention_layer_norm, r),
-            *_plain_mlp_rules(hf + "fc1.", hf + "fc2.", layers.mlp, i),
-        ]
-    return [
-        *rules,
-        *_layer_norm_rules(prefix + "ln_post.", labels.ln_post, ()),
-        *_linear_rules(prefix + "proj1.", labels.projector.proj1, ()),
-        *_linear_rules(prefix + "proj2.", labels.projector.proj2, ()),
-    ]
-
-
-def qwen3_omni_thinker_rules(cfg: Qwen3OmniThinkerConfig, labels: Any) -> list[Rule]:
-    """Every tensor of an HF thinker checkpoint in its own layout: the text decoder as Qwen3-MoE (`model.*`,
-    `lm_head.weight`), `visual.*`, `audio_tower.*` (a full Qwen3-Omni checkpoint adds `thinker.` in front,
-    see `checkpoint_prefix`)."""
-    return [
-        *qwen3_rules(cfg.text_config, labels),
-        *vision_rules(cfg.vision_config, labels.visual, "visual."),
-        *audio_rules(cfg.audio_config, labels.audio_tower, "audio_tower."),
-    ]
-
-
-MODELS["qwen3_omni_moe_thinker"] = (Qwen3OmniThinkerConfig, Qwen3OmniThinkerForConditionalGeneration,
-                                    qwen3_omni_thinker_rules)
-# the full model (thinker + talker + code2wav): we read its thinker; saving writes the thinker-only layout
-MODELS["qwen3_omni_moe"] = MODELS["qwen3_omni_moe_thinker"]

@@ -46,6 +46,17 @@ def load_balancing_loss(stats: RouterStats, num_experts: int) -> Float[Array, ""
     return num_experts * jnp.sum((stats.expert_counts / n) * (stats.expert_probs / n))
 
 
+def router_aux_loss(stats: object) -> Float[Array, ""]:
+    """`load_balancing_loss` of every `RouterStats` in a pytree (a model's per-layer statistics) summed; 0 when
+    there are none (dense models)."""
+    router = [s for s in jax.tree.leaves(stats, is_leaf=lambda s: isinstance(s, RouterStats))
+              if isinstance(s, RouterStats)]
+    if not router:
+        return jnp.zeros((), jnp.float32)
+    total = jax.tree.map(lambda *xs: sum(xs), *router)
+    return load_balancing_loss(total, total.expert_counts.shape[-1])
+
+
 def route(
     logits: Float[Array, "tokens experts"],
     top_k: int,

@@ -23,7 +23,7 @@ from eqx_models.layers.gated_delta import gated_delta_rule
 from eqx_models.layers.kv_cache import KVCache
 from eqx_models.layers.linear import Linear
 from eqx_models.layers.mlp import MLP
-from eqx_models.layers.moe import RoutedMoE, RouterStats, load_balancing_loss
+from eqx_models.layers.moe import RoutedMoE, RouterStats, router_aux_loss
 from eqx_models.layers.norms import GatedRMSNorm, RMSNorm
 from eqx_models.models.transformer import (
     MultiTokenPrediction,
@@ -194,12 +194,7 @@ class CausalLM(eqx.Module):
 
     def aux_loss(self, stats: Any) -> Float[Array, ""]:
         """HF's router load-balancing loss over all MoE layers (0 for dense models)."""
-        router = [s for s in jax.tree.leaves(stats, is_leaf=lambda s: isinstance(s, RouterStats))
-                  if isinstance(s, RouterStats)]
-        if not router:
-            return jnp.zeros((), jnp.float32)
-        total = jax.tree.map(lambda *xs: sum(xs), *router)
-        return load_balancing_loss(total, self.config.num_experts)
+        return router_aux_loss(stats)
 
 
 def _build_transformer(cfg: Qwen3Config, key: PRNGKeyArray) -> Transformer:

@@ -36,7 +36,7 @@ from eqx_models.layers.embeddings import (
 )
 from eqx_models.layers.linear import Linear
 from eqx_models.layers.mlp import MLP, get_activation
-from eqx_models.layers.moe import RouterStats, load_balancing_loss
+from eqx_models.layers.moe import router_aux_loss
 from eqx_models.layers.norms import LayerNorm
 from eqx_models.models.qwen3 import Qwen3MoeForCausalLM
 from eqx_models.models.transformer import Transformer, TransformerOutput, remat, stack_layers
@@ -1003,9 +1003,4 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
 
     def aux_loss(self, stats: object) -> Float[Array, ""]:
         """HF's router load-balancing loss over the MoE layers of the text decoder."""
-        router = [s for s in jax.tree.leaves(stats, is_leaf=lambda s: isinstance(s, RouterStats))
-                  if isinstance(s, RouterStats)]
-        if not router:
-            return jnp.zeros((), jnp.float32)
-        total = jax.tree.map(lambda *xs: sum(xs), *router)
-        return load_balancing_loss(total, self.config.text_config.num_experts)
+        return router_aux_loss(stats)
