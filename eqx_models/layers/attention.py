@@ -56,7 +56,8 @@ class AttentionMask(eqx.Module):
     the attention type allows `(i, j)`: `global` causal `j <= i`; `local_sliding` also `j > i - sliding_window`;
     `chunk` also `i // chunk_size == j // chunk_size` (indices counted from the row's first real token);
     `full` everything. Tokens of the same bidirectional
-    block (a contiguous run of image tokens) also see each other.
+    block (a contiguous run of image tokens) also see each other. `segmented` is False when the caller gave no
+    segment ids (every token is real and in one segment), so a kernel may drop the segment mask altogether.
     """
 
     q_index: Int[Array, " q"]
@@ -68,6 +69,7 @@ class AttentionMask(eqx.Module):
     attention_type: str = eqx.field(static=True)
     sliding_window: int | None = eqx.field(static=True)
     chunk_size: int | None = eqx.field(static=True)
+    segmented: bool = eqx.field(static=True, default=True)
 
     @classmethod
     def build(
@@ -80,9 +82,10 @@ class AttentionMask(eqx.Module):
         bidirectional_mask: Bool[Array, "batch seq"] | None = None,
         cache: KVCache | None = None,
         start_index: Int[Array, ""] | int = 0,
+        segmented: bool = True,
     ) -> "AttentionMask":
         """The mask for `seq` new tokens starting at `start_index`, against themselves or against `cache`
-        (which must already hold them)."""
+        (which must already hold them). Pass `segmented=False` only when `segment_ids` are all ones."""
         _check_attention_type(attention_type, sliding_window, chunk_size)
         seq = segment_ids.shape[1]
         q_index = start_index + jnp.arange(seq, dtype=jnp.int32)
@@ -98,7 +101,7 @@ class AttentionMask(eqx.Module):
                 kv_blocks = jax.lax.dynamic_update_slice(empty, q_blocks.astype(jnp.int32), (0, start_index))
         return cls(
             q_index, kv_index, segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
-            q_blocks, kv_blocks, attention_type, sliding_window, chunk_size,
+            q_blocks, kv_blocks, attention_type, sliding_window, chunk_size, segmented or cache is not None,
         )
 
     def dense(self) -> Bool[Array, "batch q kv"]:
@@ -249,12 +252,16 @@ def cudnn_attention(
     *,
     scale: float,
 ) -> Float[Array, "batch q heads head_dim"]:
-    """cuDNN fused attention via `jax.nn.dot_product_attention`; segment ids become a boolean mask."""
+    """cuDNN fused attention via `jax.nn.dot_product_attention`: causality and the window are cuDNN's own masks;
+    segment ids (packing, padding), when the caller gave any, become a boolean mask, which cuDNN reads as a dense
+    `[batch, 1, q, kv]` bias, so unsegmented batches skip it."""
     window = None
     if mask.attention_type == "local_sliding":
         window = (mask.sliding_window - 1, 0)
-    q_seg, kv_seg = mask.q_segment_ids[:, None, :, None], mask.kv_segment_ids[:, None, None, :]
-    segments = (q_seg == kv_seg) & (kv_seg != 0)
+    segments = None
+    if mask.segmented:
+        q_seg, kv_seg = mask.q_segment_ids[:, None, :, None], mask.kv_segment_ids[:, None, None, :]
+        segments = (q_seg == kv_seg) & (kv_seg != 0)
     with jax.named_scope("cudnn_attention"):
         return jax.nn.dot_product_attention(
             query, key, value, mask=segments, scale=scale, is_causal=mask.attention_type != "full",
@@ -434,6 +441,7 @@ class Attention(eqx.Module):
         """
         batch, seq, _ = x.shape
         start = jnp.zeros((), jnp.int32) if cache is None else cache.end_index
+        segmented = segment_ids is not None
         if segment_ids is None:
             segment_ids = jnp.ones((batch, seq), jnp.int32)
         if positions is None:
@@ -472,6 +480,7 @@ class Attention(eqx.Module):
         mask = AttentionMask.build(
             segment_ids, attention_type=self.attention_type, sliding_window=self.sliding_window,
             chunk_size=self.chunk_size, bidirectional_mask=bidirectional_mask, cache=cache, start_index=start,
+            segmented=segmented,
         )
         dropout = self.dropout_rate > 0.0 and not inference
         kernel = select_kernel(

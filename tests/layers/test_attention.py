@@ -573,24 +573,50 @@ def test_select_kernel():
         select_kernel("cudnn", **dict(common, cached=True), backend="gpu")
 
 
+@pytest.mark.parametrize("segmented", [True, False], ids=["segmented", "unsegmented"])
 @pytest.mark.parametrize(
     "attention_type,window", [("global", None), ("local_sliding", 3), ("full", None)], ids=["global", "sliding3", "full"]
 )
-def test_cudnn_mask_mapping_matches_reference(monkeypatch, rng, attention_type, window):
+def test_cudnn_mask_mapping_matches_reference(monkeypatch, rng, attention_type, window, segmented):
     """`cudnn_attention` (is_causal / local window / segment mask), run through XLA's implementation of
-    `jax.nn.dot_product_attention` on CPU, == the reference kernel on the dense mask; packed + left-padded rows."""
-    real = jax.nn.dot_product_attention
-    monkeypatch.setattr(
-        jax.nn, "dot_product_attention", lambda *a, implementation=None, **kw: real(*a, implementation="xla", **kw)
-    )
+    `jax.nn.dot_product_attention` on CPU, == the reference kernel on the dense mask; packed + left-padded rows.
+    Without segment ids no mask reaches the kernel (cuDNN would read it as a dense bias)."""
+    real, masks = jax.nn.dot_product_attention, []
+
+    def xla(*args, implementation=None, mask=None, **kwargs):
+        masks.append(mask)
+        return real(*args, mask=mask, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla)
     segment_ids = jnp.asarray([[1, 1, 1, 1, 2, 2, 2, 2, 2], [0, 0, 1, 1, 1, 1, 1, 1, 1]], jnp.int32)
-    mask = AttentionMask.build(segment_ids, attention_type=attention_type, sliding_window=window)
+    if not segmented:
+        segment_ids = jnp.ones_like(segment_ids)
+    mask = AttentionMask.build(segment_ids, attention_type=attention_type, sliding_window=window, segmented=segmented)
     q = _x(rng, (2, 9, 4, 16))
     k, v = _x(rng, (2, 9, 2, 16)), _x(rng, (2, 9, 2, 16))
     ours = eqx.filter_jit(cudnn_attention)(q, k, v, mask, scale=0.25)
     ref, _ = _dpa(q, k, v, mask.dense(), scale=0.25)
     real_rows = np.asarray(segment_ids) != 0
     assert_close(np.asarray(ours)[real_rows], np.asarray(ref)[real_rows], 1e-5, f"cudnn mapping {attention_type}")
+    assert (masks[0] is None) == (not segmented)
+
+
+def test_mask_is_unsegmented_only_without_segment_ids(getkey, rng, monkeypatch):
+    """The layer marks its mask unsegmented exactly when no segment ids were given (and never with a cache)."""
+    built = []
+    real_build = AttentionMask.build.__func__
+
+    def build(cls, *args, **kwargs):
+        built.append(real_build(cls, *args, **kwargs))
+        return built[-1]
+
+    monkeypatch.setattr(AttentionMask, "build", classmethod(build))
+    layer = _layer(getkey)
+    x = _x(rng, (1, 6, E))
+    layer(x)
+    layer(x, segment_ids=jnp.ones((1, 6), jnp.int32))
+    layer(x, cache=KVCache.init(1, 8, layer.num_kv_heads, layer.head_dim))
+    assert [m.segmented for m in built] == [False, True, True]
 
 
 def test_default_kernel_runs_reference_path_on_cpu(getkey, rng):
