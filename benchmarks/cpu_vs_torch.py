@@ -5,11 +5,14 @@ after a 128-token prompt. Prints each time and the ratio ours / torch (floors: f
     python benchmarks/cpu_vs_torch.py [--small] [--seq 512] [--prompt 128] [--new-tokens 64] [--record]
 
 The two sides are timed in turn on the same fresh token ids each round, so load from other processes on a
-shared machine falls on both alike.
+shared machine falls on both alike. Decode is timed twice on our side: `generate` on the scanned model as built
+(each call first copies the stacked layers into an unrolled layout, `decode_ours`) and on a model unrolled once
+beforehand (`decode_ours_unrolled`, what a sampling loop or server holds).
 """
 
 import tempfile
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,10 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     rng = np.random.default_rng(args.seed)
 
     def emit_pair(workload, times, scale, unit, config, **extra):
-        for side in ("ours", "torch"):
+        for side in times:
             common.emit("cpu_vs_torch", f"{workload}_{side}", times[side] * scale, unit, config, env, args, **extra)
-        common.emit("cpu_vs_torch", f"{workload}_ratio", times["ours"] / times["torch"], "x (ours / torch)", config,
-                    env, args, floor=FLOORS[workload])
+        for side in (s for s in times if s != "torch"):
+            suffix = side.removeprefix("ours")
+            common.emit("cpu_vs_torch", f"{workload}_ratio{suffix}", times[side] / times["torch"],
+                        f"x ({side} / torch)", config, env, args, floor=FLOORS[workload])
 
     if "forward" in args.workloads:
         forward = jax.jit(lambda model, ids: model(ids))
@@ -82,10 +87,15 @@ def main(argv: list[str] | None = None) -> None:
 
     if "decode" in args.workloads:
         outputs = {}
+        unrolled = eqx.tree_at(lambda m: m.transformer, ours, ours.transformer.unroll())
 
         def ours_decode(ids):
             outputs["ours"] = em.generate(ours, ids, new_tokens)
             return outputs["ours"]
+
+        def ours_unrolled_decode(ids):
+            outputs["ours_unrolled"] = em.generate(unrolled, ids, new_tokens)
+            return outputs["ours_unrolled"]
 
         def torch_decode(ids):
             with torch.inference_mode():
@@ -96,16 +106,21 @@ def main(argv: list[str] | None = None) -> None:
 
         def inputs(i):
             ids = rng.integers(0, cfg.vocab_size, (1, prompt))
-            return {"ours": (jnp.asarray(ids, jnp.int32),), "torch": (torch.from_numpy(ids),)}
+            ours_ids = (jnp.asarray(ids, jnp.int32),)
+            return {"ours": ours_ids, "ours_unrolled": ours_ids, "torch": (torch.from_numpy(ids),)}
 
-        times = common.time_alternating({"ours": ours_decode, "torch": torch_decode}, inputs, warmup=args.warmup,
-                                        iters=args.iters)
+        times = common.time_alternating(
+            {"ours": ours_decode, "ours_unrolled": ours_unrolled_decode, "torch": torch_decode}, inputs,
+            warmup=args.warmup, iters=args.iters,
+        )
         # Same weights and prompt: greedy tokens agree unless near-tied random logits flip an argmax between two
         # float32 implementations.
         agree = float(np.mean(np.asarray(outputs["ours"]) == outputs["torch"].numpy()))
+        if not np.array_equal(outputs["ours"], outputs["ours_unrolled"]):
+            raise SystemExit("generate gave different tokens on the scanned and the unrolled model")
         config = {**shared, "prompt": prompt, "new_tokens": new_tokens, "hf": "generate, greedy, dynamic cache"}
         emit_pair("decode", times, 1.0, "s", config, token_agreement=agree)
-        for side in ("ours", "torch"):
+        for side in times:
             common.emit("cpu_vs_torch", f"decode_tokens_per_s_{side}", new_tokens / times[side], "tok/s", config,
                         env, args)
 
