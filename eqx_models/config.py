@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 from eqx_models.layers.gated_delta import GATED_DELTA_IMPLS
+from eqx_models.layers.moe import MOE_IMPLS
 
 REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj")
 ROPE_TYPES = ("default", "linear", "yarn")
@@ -175,7 +176,7 @@ class Qwen3MoeConfig(Qwen3Config):
     mlp_only_layers: Sequence[int] = ()
     router_aux_loss_coef: float = 0.001
     # runtime choices
-    moe_impl: str = "sorted"
+    moe_impl: str = "auto"
     moe_capacity_factor: float | None = None
 
     def __post_init__(self):
@@ -189,8 +190,8 @@ class Qwen3MoeConfig(Qwen3Config):
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"mlp_only_layers {bad} are not layers of a {self.num_hidden_layers}-layer model")
-        if self.moe_impl not in ("sorted", "dense"):
-            raise ValueError(f"moe_impl must be 'sorted' or 'dense', got {self.moe_impl!r}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise ValueError(f"moe_capacity_factor must be positive or None, got {self.moe_capacity_factor}")
 

@@ -6,15 +6,21 @@ optional renormalisation); `topk_softmax` is MaxText's default (top-k of the log
 Compute paths (`impl`):
 - `"sorted"`: the (token, choice) pairs are sorted by expert, gathered into per-expert buffers of `capacity` rows,
   multiplied by the expert weights with one batched einsum per projection, and scattered back. No one-hot
-  dispatch tensor and no `ragged_dot` (which falls back to a very slow dense path on current GPU stacks).
+  dispatch tensor and no `ragged_dot` (which falls back to a very slow dense path on current GPU and CPU stacks).
+- `"grouped"`: the pairs are sorted by expert into blocks of `block` rows, each expert's run padded to whole
+  blocks, and every block is multiplied by its own expert's weights (gathered per block). Work grows with
+  `tokens * top_k`, not with `tokens * experts`, so this is the dropless path; a batch-1 decode step touches
+  about `top_k` experts instead of all of them.
 - `"dense"`: GShard dispatch/combine one-hot einsums `[tokens, experts, capacity]`.
+- `"auto"` (default): `"grouped"` when dropless, `"sorted"` with a capacity.
 `capacity_factor=None` is dropless (capacity = number of tokens); otherwise each expert keeps
 `ceil(tokens * top_k / experts * capacity_factor)` rows and later (token, choice) pairs over capacity are
-dropped, in token order, identically in both paths.
+dropped, in token order, identically in every path.
 
-Both paths fill per-expert buffers `[experts, capacity, embed]` and hand them to one expert function
-(`RoutedMoE.forward(..., expert_fn=)`); expert parallelism (`eqx_models.partitioning.expert_parallel`) swaps in
-an all-to-all exchange around the local experts there, so the layer itself holds no sharding code.
+The sorted and dense paths fill per-expert buffers `[experts, capacity, embed]` and hand them to one expert
+function (`RoutedMoE.forward(..., expert_fn=)`); expert parallelism (`eqx_models.partitioning.expert_parallel`)
+swaps in an all-to-all exchange around the local experts there, so the layer itself holds no sharding code. A
+call with `expert_fn` uses the sorted buffers whatever `impl` says.
 """
 
 import math
@@ -101,6 +107,13 @@ def expert_mlp(
     return jnp.einsum("xcm,xme->xce", y, wo.astype(dtype))
 
 
+def group_block_size(pairs: int, num_experts: int) -> int:
+    """Rows per block of the grouped path: a power of two near `pairs / (2 * experts)`, in [8, 512]. Padding
+    costs up to `experts * block` rows of compute, the per-block weight copies `pairs / block` expert-weight
+    reads; this balances the two."""
+    return int(min(512, max(8, 2 ** math.floor(math.log2(max(1, pairs // (2 * num_experts)))))))
+
+
 def _slots(ids: Int[Array, "tokens top_k"], valid: Bool[Array, " tokens"], num_experts: int):
     """Position of each (token, choice) within its expert's queue, in token order; invalid tokens get -1."""
     one_hot = jax.nn.one_hot(ids, num_experts, dtype=jnp.int32) * valid[:, None, None].astype(jnp.int32)
@@ -108,6 +121,9 @@ def _slots(ids: Int[Array, "tokens top_k"], valid: Bool[Array, " tokens"], num_e
     position = jnp.cumsum(flat, axis=0) - flat
     slot = jnp.sum(position * flat, axis=-1).reshape(ids.shape)
     return jnp.where(valid[:, None], slot, -1)
+
+
+MOE_IMPLS = ("auto", "sorted", "grouped", "dense")
 
 
 class RoutedMoE(eqx.Module):
@@ -139,7 +155,7 @@ class RoutedMoE(eqx.Module):
         norm_topk_prob: bool = False,
         routing: str = "softmax_topk",
         activations: tuple[str, ...] = ("silu", "linear"),
-        impl: str = "sorted",
+        impl: str = "auto",
         capacity_factor: float | None = None,
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
@@ -147,14 +163,16 @@ class RoutedMoE(eqx.Module):
     ):
         if not 0 < num_experts_per_tok <= num_experts:
             raise ValueError(f"need 0 < num_experts_per_tok ({num_experts_per_tok}) <= num_experts ({num_experts})")
-        if impl not in ("sorted", "dense"):
-            raise ValueError(f"impl must be 'sorted' or 'dense', got {impl!r}")
+        if impl not in MOE_IMPLS:
+            raise ValueError(f"impl must be one of {MOE_IMPLS}, got {impl!r}")
         if routing not in ("softmax_topk", "topk_softmax"):
             raise ValueError(f"routing must be 'softmax_topk' or 'topk_softmax', got {routing!r}")
         for name in activations:
             get_activation(name)
         self.num_experts, self.num_experts_per_tok = num_experts, num_experts_per_tok
         self.norm_topk_prob, self.routing, self.activations = norm_topk_prob, routing, tuple(activations)
+        if impl == "auto":
+            impl = "grouped" if capacity_factor is None else "sorted"
         self.impl, self.capacity_factor, self.dtype = impl, capacity_factor, jnp.dtype(dtype)
         k_gate, k_wi, k_wo = jax.random.split(key, 3)
         self.gate = Linear(embed_dim, num_experts, dtype=dtype, param_dtype=param_dtype, key=k_gate)
@@ -183,6 +201,7 @@ class RoutedMoE(eqx.Module):
         shape; the default runs every expert here (`expert_mlp` with `self.wi`, `self.wo`). Routing, capacity
         and the combine stay the same, so any `expert_fn` computing the same per-row function gives the same
         result."""
+        impl = self.impl if expert_fn is None else ("dense" if self.impl == "dense" else "sorted")
         expert_fn = self._expert_mlp if expert_fn is None else expert_fn
         shape = x.shape
         tokens = x.reshape(-1, shape[-1]).astype(self.dtype)
@@ -194,8 +213,10 @@ class RoutedMoE(eqx.Module):
         slots = _slots(ids, valid, self.num_experts)
         kept = (slots >= 0) & (slots < capacity)
         weights = jnp.where(kept, weights, 0.0).astype(self.dtype)
-        if self.impl == "dense":
+        if impl == "dense":
             y = self._dense(tokens, ids, slots, kept, weights, capacity, expert_fn)
+        elif impl == "grouped":
+            y = self._grouped(tokens, ids, kept, weights)
         else:
             y = self._sorted(tokens, ids, slots, kept, weights, capacity, expert_fn)
         valid32 = valid.astype(jnp.float32)
@@ -223,4 +244,34 @@ class RoutedMoE(eqx.Module):
         expert_out = expert_fn(expert_in).reshape(self.num_experts * capacity, -1)
         expert_out = jnp.concatenate([expert_out, jnp.zeros((1, expert_out.shape[1]), expert_out.dtype)])
         gathered = expert_out[row]
+        return jnp.einsum("tke,tk->te", gathered, weights)
+
+    def _grouped(self, tokens, ids, kept, weights):
+        num_tokens, top_k = ids.shape
+        experts, pairs = self.num_experts, ids.size
+        block = group_block_size(pairs, experts)
+        # Expert runs padded to whole blocks need at most pairs // block + (non-empty experts) blocks.
+        blocks = pairs // block + min(experts, pairs)
+        expert_of_pair = jnp.where(kept, ids, experts).reshape(-1)  # dropped pairs sort last, into bucket E
+        counts = jnp.bincount(expert_of_pair, length=experts + 1)[:experts]
+        padded = (counts + block - 1) // block * block
+        padded_end = jnp.cumsum(padded)
+        order = jnp.argsort(expert_of_pair, stable=True)
+        sorted_expert = expert_of_pair[order]
+        in_range = sorted_expert < experts
+        expert = jnp.minimum(sorted_expert, experts - 1)
+        rank = jnp.arange(pairs) - (jnp.cumsum(counts) - counts)[expert]
+        row_of_sorted = jnp.where(in_range, padded_end[expert] - padded[expert] + rank, blocks * block)
+        source = jnp.full((blocks * block + 1,), num_tokens, jnp.int32)
+        source = source.at[row_of_sorted].set((order // top_k).astype(jnp.int32))[:-1]
+        padded_tokens = jnp.concatenate([tokens, jnp.zeros((1, tokens.shape[1]), tokens.dtype)])
+        expert_in = padded_tokens[source].reshape(blocks, block, -1)
+        # Blocks past the last expert's run hold only zero rows; they reuse the last expert's weights.
+        block_expert = jnp.searchsorted(padded_end, jnp.arange(blocks) * block, side="right")
+        block_expert = jnp.minimum(block_expert, experts - 1)
+        expert_out = expert_mlp(expert_in, self.wi[block_expert], self.wo[block_expert], self.activations,
+                                self.dtype).reshape(blocks * block, -1)
+        expert_out = jnp.concatenate([expert_out, jnp.zeros((1, expert_out.shape[1]), expert_out.dtype)])
+        row_of_pair = jnp.zeros((pairs,), jnp.int32).at[order].set(row_of_sorted.astype(jnp.int32))
+        gathered = expert_out[row_of_pair.reshape(num_tokens, top_k)]
         return jnp.einsum("tke,tk->te", gathered, weights)

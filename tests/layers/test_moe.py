@@ -17,6 +17,7 @@ from eqx_models.layers.moe import RoutedMoE, RouterStats, load_balancing_loss, r
 from tests.reference import assert_close
 
 H, I, E, K = 32, 16, 8, 2
+IMPLS = ("sorted", "grouped", "dense")
 
 
 def _weights(rng, hidden=H, mlp=I, experts=E):
@@ -108,7 +109,7 @@ def _hf_block(w, *, norm_topk_prob):
 
 
 @pytest.mark.parametrize("norm_topk_prob", [True, False])
-@pytest.mark.parametrize("impl", ["sorted", "dense"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_matches_hf_sparse_moe_block(rng, impl, norm_topk_prob):
     """`RoutedMoE` (dropless) vs HF `Qwen3MoeSparseMoeBlock` (eager experts), float32, 1e-5 relative."""
     w = _weights(rng)
@@ -121,17 +122,17 @@ def test_matches_hf_sparse_moe_block(rng, impl, norm_topk_prob):
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0])
-def test_sorted_and_dense_agree_and_match_numpy_gshard(rng, capacity_factor):
-    """Both paths equal each other (1e-6) and the float64 NumPy GShard reference (1e-5), dropless and with a
-    capacity that drops pairs in token-major order."""
+def test_paths_agree_and_match_numpy_gshard(rng, capacity_factor):
+    """The three paths equal each other (1e-6) and the float64 NumPy GShard reference (1e-5), dropless and with
+    a capacity that drops pairs in token-major order."""
     w = _weights(rng)
     x = _x(rng, (3, 8, H))
     ref, _, kept = np_moe(w, x, capacity_factor=capacity_factor)
     if capacity_factor is not None:
         assert 0 < kept.sum() < kept.size, "the capacity should drop some pairs and keep others"
-    ys = {impl: _apply(_ours(w, impl=impl, capacity_factor=capacity_factor), x)[0]
-          for impl in ("sorted", "dense")}
+    ys = {impl: _apply(_ours(w, impl=impl, capacity_factor=capacity_factor), x)[0] for impl in IMPLS}
     assert_close(ys["sorted"], ys["dense"], 1e-6, f"sorted vs dense (cf={capacity_factor})")
+    assert_close(ys["grouped"], ys["dense"], 1e-6, f"grouped vs dense (cf={capacity_factor})")
     for impl, y in ys.items():
         assert_close(y.reshape(ref.shape), ref, 1e-5, f"{impl} vs NumPy GShard (cf={capacity_factor})")
 
@@ -143,12 +144,12 @@ def test_capacity_drop_order_is_token_major(rng):
     x = _x(rng, (1, 6, H))
     ref, _, kept = np_moe(w, x, capacity_factor=1e-6)
     assert kept.sum() <= E and not kept.all()
-    for impl in ("sorted", "dense"):
+    for impl in IMPLS:
         y, _ = _apply(_ours(w, impl=impl, capacity_factor=1e-6), x)
         assert_close(y.reshape(ref.shape), ref, 1e-5, f"{impl} capacity-1 vs NumPy")
 
 
-@pytest.mark.parametrize("impl", ["sorted", "dense"])
+@pytest.mark.parametrize("impl", IMPLS)
 def test_topk_softmax_routing_matches_numpy(rng, impl):
     """`routing="topk_softmax"` (softmax over the chosen logits) vs the NumPy formula, 1e-5."""
     w = _weights(rng)
@@ -197,7 +198,7 @@ def test_load_balancing_loss_matches_numpy(rng):
     assert_close(load_balancing_loss(uniform, E), K, 1e-6, "balanced routing gives top_k")
 
 
-@pytest.mark.parametrize("impl", ["sorted", "dense"])
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("capacity_factor", [None, 0.75])
 def test_token_mask_excludes_tokens_from_stats_and_capacity(rng, impl, capacity_factor):
     """Masked tokens contribute nothing to the router statistics and take no expert slot: outputs at valid
@@ -222,8 +223,9 @@ def test_token_mask_excludes_tokens_from_stats_and_capacity(rng, impl, capacity_
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
-def test_gradients_of_both_impls_agree(rng, capacity_factor):
-    """d(sum(y * c))/d(x, gate, wi, wo) of the sorted and dense paths agree to 1e-6 relative (per leaf)."""
+def test_gradients_of_all_impls_agree(rng, capacity_factor):
+    """d(sum(y * c))/d(x, gate, wi, wo) of the sorted and grouped paths agree with the dense path's to 1e-6
+    relative (per leaf)."""
     w = _weights(rng)
     x = _x(rng, (2, 6, H))
     c = _x(rng, (2, 6, H))
@@ -235,15 +237,43 @@ def test_gradients_of_both_impls_agree(rng, capacity_factor):
         y, _ = layer(x)
         return jnp.sum(y * c)
 
-    grads = {impl: grad((_ours(w, impl=impl, capacity_factor=capacity_factor), x))
-             for impl in ("sorted", "dense")}
-    (gs, gxs), (gd, gxd) = grads["sorted"], grads["dense"]
-    assert_close(gxs, gxd, 1e-6, "dL/dx sorted vs dense")
-    for name in ("wi", "wo"):
-        assert np.isfinite(np.asarray(getattr(gs, name))).all()
-        assert_close(getattr(gs, name), getattr(gd, name), 1e-6, f"dL/d{name} sorted vs dense")
-    assert_close(gs.gate.kernel, gd.gate.kernel, 1e-6, "dL/dgate sorted vs dense")
-    assert np.abs(np.asarray(gs.gate.kernel)).max() > 0, "the router gets a gradient through the weights"
+    grads = {impl: grad((_ours(w, impl=impl, capacity_factor=capacity_factor), x)) for impl in IMPLS}
+    gd, gxd = grads["dense"]
+    for impl in ("sorted", "grouped"):
+        gs, gxs = grads[impl]
+        assert_close(gxs, gxd, 1e-6, f"dL/dx {impl} vs dense")
+        for name in ("wi", "wo"):
+            assert np.isfinite(np.asarray(getattr(gs, name))).all()
+            assert_close(getattr(gs, name), getattr(gd, name), 1e-6, f"dL/d{name} {impl} vs dense")
+        assert_close(gs.gate.kernel, gd.gate.kernel, 1e-6, f"dL/dgate {impl} vs dense")
+        assert np.abs(np.asarray(gs.gate.kernel)).max() > 0, "the router gets a gradient through the weights"
+
+
+@pytest.mark.parametrize("tokens,experts,top_k", [(600, 8, 2), (1, 16, 4), (300, 16, 4)])
+def test_grouped_path_many_blocks_and_empty_experts(rng, tokens, experts, top_k):
+    """The grouped path at sizes where blocks are larger than 8 rows, experts span several blocks and a skewed
+    router leaves some experts empty, and at a single token (a decode step): == float64 NumPy GShard, 1e-5."""
+    w = _weights(rng, experts=experts)
+    w["gate"][: experts // 2] -= 1.0  # with inputs of mean 1, the first half of the experts gets (almost) nothing
+    x = _x(rng, (1, tokens, H)) + 1.0
+    ref, st, _ = np_moe(w, x, top_k=top_k)
+    if tokens > 1:
+        assert (st["counts"] == 0).any() and st["counts"].max() > 64, st["counts"]
+    y, _ = _apply(_ours(w, top_k=top_k), x)
+    assert_close(y.reshape(ref.shape), ref, 1e-5, f"grouped MoE {tokens} tokens x {experts} experts top-{top_k}")
+
+
+def test_auto_impl_and_expert_fn():
+    """"auto" is grouped when dropless and sorted with a capacity; a call with `expert_fn` gets the
+    `[experts, capacity, embed]` buffers of the sorted path whatever the impl."""
+    assert RoutedMoE(H, I, 4, 2, key=jax.random.key(0)).impl == "grouped"
+    assert RoutedMoE(H, I, 4, 2, capacity_factor=1.5, key=jax.random.key(0)).impl == "sorted"
+    seen = []
+    layer = RoutedMoE(H, I, 4, 2, key=jax.random.key(0))
+    x = jnp.ones((5, H))
+    y, _ = layer.forward(x, expert_fn=lambda b: seen.append(b.shape) or layer._expert_mlp(b))
+    assert seen == [(4, 5, H)]
+    assert_close(y, layer(x)[0], 1e-6, "expert_fn path vs grouped path")
 
 
 def test_bad_arguments_raise():
