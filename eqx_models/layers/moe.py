@@ -23,6 +23,7 @@ swaps in an all-to-all exchange around the local experts there, so the layer its
 call with `expert_fn` uses the sorted buffers whatever `impl` says.
 """
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Literal, NamedTuple
@@ -112,6 +113,25 @@ def group_block_size(pairs: int, num_experts: int) -> int:
     costs up to `experts * block` rows of compute, the per-block weight copies `pairs / block` expert-weight
     reads; this balances the two."""
     return int(min(512, max(8, 2 ** math.floor(math.log2(max(1, pairs // (2 * num_experts)))))))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _take_blocks(weights: Array, block_expert: Int[Array, " blocks"], num_experts: int) -> Array:
+    """`weights[block_expert]` (`block_expert` sorted); the weight gradient sums each expert's blocks in float32
+    (a plain gather's transpose would add them in the compute dtype)."""
+    return weights[block_expert]
+
+
+def _take_blocks_fwd(weights, block_expert, num_experts):
+    return weights[block_expert], block_expert
+
+
+def _take_blocks_bwd(num_experts, block_expert, cotangent):
+    summed = jax.ops.segment_sum(cotangent.astype(jnp.float32), block_expert, num_experts, indices_are_sorted=True)
+    return summed.astype(cotangent.dtype), None
+
+
+_take_blocks.defvjp(_take_blocks_fwd, _take_blocks_bwd)
 
 
 def _slots(ids: Int[Array, "tokens top_k"], valid: Bool[Array, " tokens"], num_experts: int):
@@ -269,8 +289,8 @@ class RoutedMoE(eqx.Module):
         # Blocks past the last expert's run hold only zero rows; they reuse the last expert's weights.
         block_expert = jnp.searchsorted(padded_end, jnp.arange(blocks) * block, side="right")
         block_expert = jnp.minimum(block_expert, experts - 1)
-        expert_out = expert_mlp(expert_in, self.wi[block_expert], self.wo[block_expert], self.activations,
-                                self.dtype).reshape(blocks * block, -1)
+        wi, wo = (_take_blocks(w.astype(self.dtype), block_expert, experts) for w in (self.wi, self.wo))
+        expert_out = expert_mlp(expert_in, wi, wo, self.activations, self.dtype).reshape(blocks * block, -1)
         expert_out = jnp.concatenate([expert_out, jnp.zeros((1, expert_out.shape[1]), expert_out.dtype)])
         row_of_pair = jnp.zeros((pairs,), jnp.int32).at[order].set(row_of_sorted.astype(jnp.int32))
         gathered = expert_out[row_of_pair.reshape(num_tokens, top_k)]
