@@ -131,6 +131,13 @@ class MultiTokenPrediction(eqx.Module):
         return tuple(outputs)
 
 
+@jax.jit
+def _unstack(leaves: list[Array]) -> list[list[Array]]:
+    """Every stacked array split along its leading axis in one compiled call (eager slicing dispatches once per
+    layer and array: 0.7-1.0 s against 0.12-0.17 s for Qwen3-0.6B on CPU)."""
+    return [list(leaf) for leaf in leaves]
+
+
 class Transformer(eqx.Module):
     """Decoder-only stack. `blocks[b]` holds pattern position `b` for every repeat (leading axis on each leaf).
 
@@ -186,9 +193,12 @@ class Transformer(eqx.Module):
         `init_cache` follow the layout)."""
         if self.unrolled:
             return self
-        repeats = self.num_repeats
+        arrays, static = eqx.partition(self.blocks, eqx.is_array)
+        leaves, treedef = jax.tree.flatten(arrays)
+        layers = _unstack(leaves)
         blocks = tuple(
-            jax.tree.map(lambda leaf: leaf[r] if eqx.is_array(leaf) else leaf, self.blocks) for r in range(repeats)
+            eqx.combine(jax.tree.unflatten(treedef, [layer[r] for layer in layers]), static)
+            for r in range(self.num_repeats)
         )
         return eqx.tree_at(lambda t: t.blocks, self, blocks)
 
