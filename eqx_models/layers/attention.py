@@ -164,7 +164,15 @@ def dot_product_attention(
     k = key
     if float32_qk_product:
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
-    logits = jnp.einsum("btkgd,bskd->bkgts", q, k).astype(jnp.float32) * scale
+    # One query per row (a decode step): multiply-and-reduce in float32, rounded like the matmul's output, reads
+    # the cache where it lies; XLA's batched matmul would first copy the whole cache into a heads-major order.
+    decode = q_len == 1
+    if decode:
+        logits = jnp.sum(q[:, 0, None].astype(jnp.float32) * k[:, :, :, None].astype(jnp.float32), axis=-1)
+        logits = jnp.moveaxis(logits.astype(q.dtype), 1, -1)[:, :, :, None]
+    else:
+        logits = jnp.einsum("btkgd,bskd->bkgts", q, k)
+    logits = logits.astype(jnp.float32) * scale
     if logits_soft_cap is not None:
         logits = jnp.tanh(logits / logits_soft_cap) * logits_soft_cap
     logits = jnp.where(mask[:, None, None], logits, _MASK_VALUE)
@@ -182,7 +190,11 @@ def dot_product_attention(
             raise ValueError("attention dropout needs a key (pass key=..., or inference=True)")
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_rate, probs.shape)
         probs = jnp.where(keep, probs / (1.0 - dropout_rate), 0.0)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(value.dtype), value)
+    if decode:
+        p = jnp.moveaxis(probs[:, :, :, 0].astype(value.dtype), -1, 1)[..., None].astype(jnp.float32)
+        out = jnp.sum(p * value[:, :, :, None].astype(jnp.float32), axis=1)[:, None].astype(value.dtype)
+    else:
+        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(value.dtype), value)
     to_rows = lambda s: jnp.moveaxis(s[..., 0], 3, 1).reshape(batch, q_len, heads)  # noqa: E731
     return out.reshape(batch, q_len, heads, head_dim), (to_rows(row_max), to_rows(row_sum))
 

@@ -519,6 +519,23 @@ def test_nope_with_temperature_tuning(getkey, rng):
     assert max_rel_err(y, np_out(layer, np_attention(q, k, v, np_causal(batch, seq), 0.25))) > 1e-2
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_single_query_form_equals_the_matmul_form(rng, dtype):
+    """One query per row (decode steps) takes the multiply-and-reduce form: its output and softmax statistics
+    equal the batched-matmul form's for the same query (the first row of a two-query call), with a partly masked
+    cache, grouped heads, soft cap and sinks; exactly in bf16 (both round logits and output alike), 1e-6 in fp32."""
+    q = _x(rng, (2, 1, 4, 16)).astype(dtype)
+    k, v = _x(rng, (2, 9, 2, 16)).astype(dtype), _x(rng, (2, 9, 2, 16)).astype(dtype)
+    mask = jnp.asarray(rng.random((2, 1, 9)) > 0.3).at[:, :, 0].set(True)
+    kwargs = dict(scale=0.25, logits_soft_cap=5.0, sinks=jnp.asarray([0.1, -0.2, 0.3, 0.0]))
+    one, (max1, sum1) = _dpa(q, k, v, mask, **kwargs)
+    two, (max2, sum2) = _dpa(jnp.concatenate([q, q], 1), k, v, jnp.concatenate([mask, mask], 1), **kwargs)
+    tol = 1e-6 if dtype == jnp.float32 else 0.0
+    for a, b, what in ((one, two[:, :1], "output"), (max1, max2[:, :1], "row max"), (sum1, sum2[:, :1], "row sum")):
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), rtol=tol, atol=tol,
+                                   err_msg=what)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # merge_attention
 
