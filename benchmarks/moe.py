@@ -37,7 +37,8 @@ def skew(moe: RoutedMoE, direction: jax.Array, routing: str) -> RoutedMoE:
 
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__.splitlines()[0], warmup=2, iters=10)
-    p.add_argument("--impls", nargs="+", default=["sorted", "grouped", "dense"], choices=["sorted", "grouped", "dense"])
+    impls = ["sorted", "grouped", "dense"]
+    p.add_argument("--impls", nargs="+", default=impls, choices=impls)
     p.add_argument("--routings", nargs="+", default=["balanced", "skewed"], choices=["balanced", "skewed"])
     p.add_argument("--capacity-factors", nargs="+", default=["1.25", "none"],
                    help="expert capacity factors; 'none' is dropless (capacity = tokens)")

@@ -75,8 +75,8 @@ def lm_loss(
     `batch` holds `input_ids` and optionally `segment_ids` (0 = padding) and `positions`.
     """
     input_ids = batch["input_ids"]
-    out = model.forward(input_ids, batch.get("positions"), batch.get("segment_ids"), key=key, inference=inference)
     segment_ids = batch.get("segment_ids")
+    out = model.forward(input_ids, batch.get("positions"), segment_ids, key=key, inference=inference)
     if segment_ids is None:
         segment_ids = jnp.ones_like(input_ids)
     targets, mask = next_token_targets(input_ids, segment_ids)

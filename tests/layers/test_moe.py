@@ -46,6 +46,14 @@ def _apply(layer, x, mask=None):
     return layer(x, mask)
 
 
+@eqx.filter_jit
+@eqx.filter_value_and_grad
+def _weighted_sum(layer_and_x, c):
+    """`sum(layer(x) * c)` in float32 and its gradient with respect to `(layer, x)`."""
+    layer, x = layer_and_x
+    return jnp.sum(layer(x)[0].astype(jnp.float32) * c)
+
+
 def _x(rng, shape):
     return jnp.asarray(rng.standard_normal(shape).astype(np.float32))
 
@@ -229,15 +237,8 @@ def test_gradients_of_all_impls_agree(rng, capacity_factor):
     w = _weights(rng)
     x = _x(rng, (2, 6, H))
     c = _x(rng, (2, 6, H))
-
-    @eqx.filter_jit
-    @eqx.filter_grad
-    def grad(args):
-        layer, x = args
-        y, _ = layer(x)
-        return jnp.sum(y * c)
-
-    grads = {impl: grad((_ours(w, impl=impl, capacity_factor=capacity_factor), x)) for impl in IMPLS}
+    grads = {impl: _weighted_sum((_ours(w, impl=impl, capacity_factor=capacity_factor), x), c)[1]
+             for impl in IMPLS}
     gd, gxd = grads["dense"]
     for impl in ("sorted", "grouped"):
         gs, gxs = grads[impl]
@@ -296,14 +297,9 @@ def test_grouped_bfloat16_matches_sorted(rng):
     w = _weights(rng)
     x = _x(rng, (2, 40, H))
     c = _x(rng, (2, 40, H))
-
-    @eqx.filter_jit
-    @eqx.filter_value_and_grad
-    def loss(layer):
-        return jnp.sum(layer(x)[0].astype(jnp.float32) * c)
-
-    results = {impl: loss(_ours(w, impl=impl, dtype=jnp.bfloat16)) for impl in ("sorted", "grouped")}
-    (ls, gs), (lg, gg) = results["sorted"], results["grouped"]
+    results = {impl: _weighted_sum((_ours(w, impl=impl, dtype=jnp.bfloat16), x), c)
+               for impl in ("sorted", "grouped")}
+    (ls, (gs, _)), (lg, (gg, _)) = results["sorted"], results["grouped"]
     assert_close(lg, ls, 2e-2, "bf16 loss grouped vs sorted")
     for name in ("wi", "wo"):
         assert getattr(gg, name).dtype == jnp.float32
