@@ -5,12 +5,18 @@ for generation); padded slots get segment id 0 so no token ever attends to them,
 tokens only (`cumsum(mask) - 1`, as HF `generate` does). The KV cache lives in the loop carry, so XLA updates it
 in place; no Python runs per token. The model decodes with its layers unrolled (`Transformer.unroll`), so each
 step reads every weight where it lies instead of slicing it out of the stacked arrays.
+
+A model with extra prompt inputs (the Omni thinker: images, videos, audio) turns them into `PromptInputs` on the
+host before the compiled call (`model.prompt_inputs`): merged embeddings, DeepStack residuals, MRoPE positions
+and the position each row continues from.
 """
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int, PRNGKeyArray
+
+from eqx_models.models.transformer import PromptInputs
 
 
 def sample_token(
@@ -67,11 +73,15 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     attention_mask: Int[Array, "batch prompt"] | None = None,
     unroll_layers: bool = True,
+    **inputs: object,
 ) -> Int[Array, "batch total"]:
     """`[batch, prompt + max_new_tokens]`: the prompts followed by generated tokens.
 
     Greedy when `temperature == 0`. After a row emits one of `eos_token_id` it keeps emitting that token (the
     loop stops early once every row has). `attention_mask` marks real prompt tokens (left padding = 0).
+    `inputs` are a model's extra prompt inputs: for the Omni thinker its multimodal ones under HF's names
+    (`pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, `video_second_per_grid`,
+    `input_features`, `feature_attention_mask`, `use_audio_in_video`; see its `prompt_inputs`).
 
     `unroll_layers` decodes with an unrolled copy of the layers (2.7x faster batch-1 decode on CPU, longer
     compile). The copy holds the weights a second time during the call; where that does not fit, pass an
@@ -80,33 +90,43 @@ def generate(
     """
     if not hasattr(model, "init_cache"):
         raise ValueError(
-            f"generate needs a causal LM with a generation state (Qwen3, Qwen3-MoE, Qwen3-Next); "
-            f"{type(model).__name__} has none"
+            f"generate needs a model with a generation state (Qwen3, Qwen3-MoE, Qwen3-Next causal LMs, the "
+            f"Qwen3-Omni thinker); {type(model).__name__} has none"
         )
-    vocab = model.config.vocab_size
+    vocab = model.transformer.embed.num_embeddings
     _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab)
+    prompt = None
+    if hasattr(model, "prompt_inputs"):
+        prompt = model.prompt_inputs(input_ids, attention_mask, **inputs)
+    elif inputs:
+        raise ValueError(f"{type(model).__name__} takes no prompt inputs besides input_ids and attention_mask; "
+                         f"got {', '.join(sorted(inputs))}")
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
     eos = () if eos_token_id is None else tuple(jnp.atleast_1d(jnp.asarray(eos_token_id)).tolist())
     key = jax.random.key(0) if key is None else key
     if unroll_layers:
         model = eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())
-    return _generate(model, input_ids.astype(jnp.int32), attention_mask.astype(jnp.int32), key, max_new_tokens,
-                     float(temperature), top_k, top_p, eos)
+    return _generate(model, input_ids.astype(jnp.int32), jnp.asarray(attention_mask, jnp.int32), prompt, key,
+                     max_new_tokens, float(temperature), top_k, top_p, eos)
 
 
 @eqx.filter_jit
-def _generate(model, input_ids, attention_mask, key, max_new_tokens, temperature, top_k, top_p, eos):
-    batch, prompt = input_ids.shape
-    positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-    cache = model.init_cache(batch, prompt + max_new_tokens)
-    out = model.forward(input_ids, positions, attention_mask, cache=cache)
+def _generate(model, input_ids, attention_mask, prompt, key, max_new_tokens, temperature, top_k, top_p, eos):
+    batch, prompt_len = input_ids.shape
+    if prompt is None:
+        positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
+        prompt = PromptInputs(None, None, positions, positions[:, -1] + 1)
+    decoder = model.transformer
+    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    out = decoder.forward(input_ids, prompt.positions, attention_mask, cache=cache,
+                          inputs_embeds=prompt.inputs_embeds, layer_residuals=prompt.layer_residuals)
     keys = jax.random.split(key, max_new_tokens)
     sample = lambda logits, k: sample_token(logits, k, temperature=temperature, top_k=top_k, top_p=top_p)  # noqa: E731
-    first = sample(model.logits(out.hidden[:, -1]), keys[0])
+    first = sample(decoder.logits(out.hidden[:, -1]), keys[0])
     is_eos = lambda tokens: jnp.isin(tokens, jnp.asarray(eos, jnp.int32)) if eos else jnp.zeros_like(tokens, bool)  # noqa: E731
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    state = (jnp.asarray(1, jnp.int32), first, positions[:, -1] + 1, out.cache, tokens, is_eos(first))
+    state = (jnp.asarray(1, jnp.int32), first, prompt.next_positions, out.cache, tokens, is_eos(first))
 
     def cond(state):
         step, _, _, _, _, done = state
@@ -114,8 +134,8 @@ def _generate(model, input_ids, attention_mask, key, max_new_tokens, temperature
 
     def body(state):
         step, previous, position, cache, tokens, done = state
-        out = model.forward(previous[:, None], position[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache)
-        token = sample(model.logits(out.hidden[:, 0]), keys[step])
+        out = decoder.forward(previous[:, None], position[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache)
+        token = sample(decoder.logits(out.hidden[:, 0]), keys[step])
         token = jnp.where(done, previous, token)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
         return step + 1, token, position + 1, out.cache, tokens, done | is_eos(token)

@@ -15,6 +15,7 @@ import transformers
 import eqx_models as em
 import eqx_models.generation as gen
 from eqx_models.generation import generate, sample_token
+from eqx_models.models.qwen3_omni import Qwen3OmniMoeVisionEncoder
 from tests.reference import assert_close
 
 # The tiny configs of /work/shared/reference/hf/tiny_configs.py (copied, not imported).
@@ -166,12 +167,12 @@ def _first_new_token_index(row: np.ndarray, lo: int, hi: int) -> int:
 
 
 class _ForwardCounter:
-    """Monkeypatches the model class's `forward` to count trace-time (Python) calls and run-time executions
-    (through `jax.debug.callback`, which fires on every while-loop iteration)."""
+    """Monkeypatches the decoder class's (`Transformer`) `forward` to count trace-time (Python) calls and
+    run-time executions (through `jax.debug.callback`, which fires on every while-loop iteration)."""
 
     def __init__(self, monkeypatch, model):
         self.traced, self.executed = 0, []
-        original = type(model).forward
+        original = type(model.transformer).forward
         gen._generate._cached.clear_cache()  # compile afresh so the counting forward is traced
 
         def forward(this, input_ids, *args, **kwargs):
@@ -179,7 +180,7 @@ class _ForwardCounter:
             jax.debug.callback(lambda x: self.executed.append(x.shape), input_ids)
             return original(this, input_ids, *args, **kwargs)
 
-        monkeypatch.setattr(type(model), "forward", forward)
+        monkeypatch.setattr(type(model.transformer), "forward", forward)
 
     def runs(self) -> int:
         jax.effects_barrier()
@@ -429,11 +430,13 @@ def test_bad_input_raises_under_the_type_hook(tiny):
         generate(tiny, jnp.zeros((2, 5), jnp.int32), 0)
 
 
-def test_model_without_generation_state_is_a_clear_error():
-    """The Omni thinker has no cache yet: a ValueError naming it, not an AttributeError from deep inside (shapes
-    only: the default 30B-A3B config allocates nothing)."""
-    thinker = eqx.filter_eval_shape(em.Qwen3OmniThinkerForConditionalGeneration, em.Qwen3OmniThinkerConfig(),
+def test_model_without_generation_state_is_a_clear_error(tiny):
+    """A module without a cache (the Omni vision encoder) and a causal LM given inputs it has no use for:
+    ValueErrors naming the problem, not an AttributeError or a TypeError from deep inside (shapes only: the
+    default encoder config allocates nothing)."""
+    encoder = eqx.filter_eval_shape(Qwen3OmniMoeVisionEncoder, em.Qwen3OmniThinkerConfig().vision_config,
                                     key=jax.random.key(0))
-    with pytest.raises(ValueError, match="Qwen3OmniThinkerForConditionalGeneration has none"):
-        generate(thinker, jnp.zeros((1, 4), jnp.int32), 2)
-
+    with pytest.raises(ValueError, match="Qwen3OmniMoeVisionEncoder has none"):
+        generate(encoder, jnp.zeros((1, 4), jnp.int32), 2)
+    with pytest.raises(ValueError, match="Qwen3ForCausalLM takes no prompt inputs .*got pixel_values"):
+        generate(tiny, jnp.zeros((1, 4), jnp.int32), 2, pixel_values=jnp.zeros((4, 8)))

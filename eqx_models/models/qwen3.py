@@ -162,6 +162,15 @@ def _layer_kinds(cfg: Qwen3Config) -> list[tuple[str, bool]]:
             for i in range(cfg.num_hidden_layers)]
 
 
+def init_kv_caches(
+    transformer: Transformer, cfg: Qwen3Config, batch: int, max_length: int, *, quantized: bool = False
+) -> tuple:
+    """Empty KV caches for every layer of an attention-only `transformer`, stacked like its layers."""
+    one = KVCache.init(batch, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype=cfg.dtype,
+                       quantized=quantized)
+    return transformer.stack_cache(tuple(one for _ in transformer.pattern))
+
+
 class CausalLM(eqx.Module):
     """A config plus a `Transformer`: `model(input_ids, positions=, segment_ids=) -> logits`."""
 
@@ -187,10 +196,7 @@ class CausalLM(eqx.Module):
 
     def init_cache(self, batch: int, max_length: int, *, quantized: bool = False) -> tuple:
         """Empty per-layer KV caches, laid out like the layers (`Transformer.stack_cache`)."""
-        cfg = self.config
-        one = KVCache.init(batch, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype=cfg.dtype,
-                           quantized=quantized)
-        return self.transformer.stack_cache(tuple(one for _ in self.transformer.pattern))
+        return init_kv_caches(self.transformer, self.config, batch, max_length, quantized=quantized)
 
     def aux_loss(self, stats: Any) -> Float[Array, ""]:
         """HF's router load-balancing loss over all MoE layers (0 for dense models)."""

@@ -38,8 +38,8 @@ from eqx_models.layers.linear import Linear
 from eqx_models.layers.mlp import MLP, get_activation
 from eqx_models.layers.moe import router_aux_loss
 from eqx_models.layers.norms import LayerNorm
-from eqx_models.models.qwen3 import Qwen3MoeForCausalLM
-from eqx_models.models.transformer import Transformer, TransformerOutput, remat, stack_layers
+from eqx_models.models.qwen3 import Qwen3MoeForCausalLM, init_kv_caches
+from eqx_models.models.transformer import PromptInputs, Transformer, TransformerOutput, remat, stack_layers
 
 GridTHW = Sequence[Sequence[int]] | Int[np.ndarray, "images 3"] | Int[Array, "images 3"]
 FeatureLens = Sequence[int] | Int[np.ndarray, " clips"] | Int[Array, " clips"]
@@ -919,6 +919,32 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
             deepstack = [_scatter_rows(d, mask, lv[rows]) for d, lv in zip(deepstack, levels, strict=True)]
         return embeds, (jnp.stack(deepstack) if deepstack else None)
 
+    def _embed(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        pixel_values: Float[Array, "patches patch_dim"] | None,
+        image_grid_thw: GridTHW | None,
+        pixel_values_videos: Float[Array, "video_patches patch_dim"] | None,
+        video_grid_thw: GridTHW | None,
+        input_features: Float[Array, "audios mel frames"] | None,
+        feature_attention_mask: HostInts | None,
+    ) -> tuple[Float[Array, "batch seq embed"], Float[Array, "levels batch seq embed"] | None,
+               Bool[np.ndarray, "audios frames"] | None]:
+        """Token embeddings with the encoders' features at their placeholders, the DeepStack residuals, and the
+        valid frames of each audio clip (host). Inputs and placeholder counts are checked before any encoder
+        runs."""
+        cfg = self.config
+        vision = self._vision_inputs(input_ids, (pixel_values, image_grid_thw, cfg.image_token_id, "image"),
+                                     (pixel_values_videos, video_grid_thw, cfg.video_token_id, "video"))
+        audio_valid = self._audio_inputs(input_ids, input_features, feature_attention_mask)
+        embeds = self.transformer.embed(input_ids)
+        if audio_valid is not None:
+            embeds = self._merge_audio(input_ids, embeds, input_features, audio_valid)
+        deepstack = None
+        if vision:
+            embeds, deepstack = self._merge_vision(input_ids, embeds, vision)
+        return embeds, deepstack, audio_valid
+
     def forward(
         self,
         input_ids: Int[Array, "batch seq"],
@@ -937,20 +963,10 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         inference: bool = True,
     ) -> TransformerOutput:
         """Final-normed hidden states and MoE router statistics of the text decoder (see `__call__`)."""
-        cfg = self.config
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}")
-        # inputs and placeholder counts are checked before any encoder runs
-        vision = self._vision_inputs(input_ids, (pixel_values, image_grid_thw, cfg.image_token_id, "image"),
-                                     (pixel_values_videos, video_grid_thw, cfg.video_token_id, "video"))
-        audio_valid = self._audio_inputs(input_ids, input_features, feature_attention_mask)
-        embeds = self.transformer.embed(input_ids)
-        if audio_valid is not None:
-            embeds = self._merge_audio(input_ids, embeds, input_features, audio_valid)
-        deepstack = None
-        if vision:
-            embeds, deepstack = self._merge_vision(input_ids, embeds, vision)
-
+        embeds, deepstack, audio_valid = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                                     video_grid_thw, input_features, feature_attention_mask)
         if position_ids is None:
             if image_grid_thw is None and video_grid_thw is None:
                 # HF's text / audio-only branch: cumsum(mask) - 1, padding at 1 (jittable)
@@ -960,7 +976,7 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
             else:
                 audio_lens = None if audio_valid is None else audio_valid.sum(axis=1)
                 position_ids = jnp.asarray(get_rope_index(
-                    cfg, input_ids, image_grid_thw, video_grid_thw, attention_mask, use_audio_in_video,
+                    self.config, input_ids, image_grid_thw, video_grid_thw, attention_mask, use_audio_in_video,
                     audio_lens, video_second_per_grid,
                 )[0])
         segment_ids = None if attention_mask is None else (attention_mask != 0).astype(jnp.int32)
@@ -1000,6 +1016,39 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
 
     def logits(self, hidden: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:
         return self.transformer.logits(hidden)
+
+    def init_cache(self, batch: int, max_length: int, *, quantized: bool = False) -> tuple:
+        """Empty KV caches of the text decoder, laid out like its layers."""
+        return init_kv_caches(self.transformer, self.config.text_config, batch, max_length, quantized=quantized)
+
+    def prompt_inputs(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        attention_mask: HostInts | None = None,
+        *,
+        pixel_values: Float[Array, "patches patch_dim"] | None = None,
+        image_grid_thw: GridTHW | None = None,
+        pixel_values_videos: Float[Array, "video_patches patch_dim"] | None = None,
+        video_grid_thw: GridTHW | None = None,
+        input_features: Float[Array, "audios mel frames"] | None = None,
+        feature_attention_mask: HostInts | None = None,
+        video_second_per_grid: Seconds | None = None,
+        use_audio_in_video: bool = False,
+    ) -> PromptInputs:
+        """What `generate` prefills the text decoder with (host side: the ids must be concrete): the merged
+        embeddings, the DeepStack residuals, the MRoPE positions of `get_rope_index`, and each row's next
+        position, `real tokens + rope_deltas` (HF's rule: text after the prompt continues from its largest
+        position)."""
+        mask = np.ones(np.shape(input_ids), np.int64) if attention_mask is None else _static_ints(
+            attention_mask, "attention_mask")
+        embeds, deepstack, audio_valid = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
+                                                     video_grid_thw, input_features, feature_attention_mask)
+        positions, deltas = get_rope_index(
+            self.config, input_ids, image_grid_thw, video_grid_thw, mask, use_audio_in_video,
+            None if audio_valid is None else audio_valid.sum(axis=1), video_second_per_grid,
+        )
+        next_positions = (mask == 1).sum(axis=1) + deltas[:, 0]
+        return PromptInputs(embeds, deepstack, jnp.asarray(positions), jnp.asarray(next_positions, jnp.float32))
 
     def aux_loss(self, stats: object) -> Float[Array, ""]:
         """HF's router load-balancing loss over the MoE layers of the text decoder."""

@@ -82,6 +82,15 @@ class TransformerOutput(NamedTuple):
     mtp_hidden: tuple[Float[Array, "batch seq embed"], ...] = ()  # final-normed, depth 1..K (training only)
 
 
+class PromptInputs(NamedTuple):
+    """What a model with extra inputs (the Omni thinker) gives `generate` to prefill its `Transformer` with."""
+
+    inputs_embeds: Float[Array, "batch seq embed"] | None
+    layer_residuals: Float[Array, "depth batch seq embed"] | None
+    positions: Real[Array, "batch seq 3"] | Real[Array, "batch seq"]
+    next_positions: Real[Array, " batch"]  # the position of each row's first generated token
+
+
 def roll_and_mask_by_segment(
     values: Int[Array, "batch seq"], valid: Bool[Array, "batch seq"], segment_ids: Int[Array, "batch seq"]
 ) -> tuple[Int[Array, "batch seq"], Bool[Array, "batch seq"]]:
