@@ -16,7 +16,8 @@ from eqx_models.layers.moe import MOE_IMPLS
 REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj")
 ROPE_TYPES = ("default", "linear", "yarn")
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "moe_impl", "moe_capacity_factor",
-                   "mtp_num_layers", "mtp_loss_scaling_factor", "gated_delta_impl", "gated_delta_chunk_size")
+                   "moe_fast_capacity_factor", "mtp_num_layers", "mtp_loss_scaling_factor", "gated_delta_impl",
+                   "gated_delta_chunk_size")
 LAYER_TYPES = ("linear_attention", "full_attention")
 
 
@@ -178,6 +179,7 @@ class Qwen3MoeConfig(Qwen3Config):
     # runtime choices
     moe_impl: str = "auto"
     moe_capacity_factor: float | None = None
+    moe_fast_capacity_factor: float = 1.25
 
     def __post_init__(self):
         super().__post_init__()
@@ -194,6 +196,8 @@ class Qwen3MoeConfig(Qwen3Config):
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}, got {self.moe_impl!r}")
         if self.moe_capacity_factor is not None and self.moe_capacity_factor <= 0:
             raise ValueError(f"moe_capacity_factor must be positive or None, got {self.moe_capacity_factor}")
+        if self.moe_fast_capacity_factor < 1:
+            raise ValueError(f"moe_fast_capacity_factor must be >= 1, got {self.moe_fast_capacity_factor}")
 
     __hash__ = Qwen3Config.__hash__  # the dataclass decorator would otherwise replace it
 

@@ -46,6 +46,7 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "hf" / "
         (em.Qwen3MoeConfig, dict(decoder_sparse_step=0), "decoder_sparse_step"),
         (em.Qwen3MoeConfig, dict(moe_impl="ragged"), "moe_impl"),
         (em.Qwen3MoeConfig, dict(moe_capacity_factor=0.0), "moe_capacity_factor"),
+        (em.Qwen3MoeConfig, dict(moe_fast_capacity_factor=0.5), "moe_fast_capacity_factor"),
     ],
 )
 def test_invalid_config_raises_naming_the_field(cls, kwargs, field):

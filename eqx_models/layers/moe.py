@@ -12,7 +12,11 @@ Compute paths (`impl`):
   `tokens * top_k`, not with `tokens * experts`, so this is the dropless path; a batch-1 decode step touches
   about `top_k` experts instead of all of them.
 - `"dense"`: GShard dispatch/combine one-hot einsums `[tokens, experts, capacity]`.
-- `"auto"` (default): `"grouped"` when dropless, `"sorted"` with a capacity.
+- `"auto"` (default): `"sorted"` with a capacity. Dropless, it checks at run time (`lax.cond`) whether every
+  expert's load fits buffers of `fast_capacity_factor` times the mean load: if so the sorted path runs with
+  those buffers (dense batched matmuls, no per-block weight copies; balanced routing), else the grouped path.
+  Both give the same result. Where the sorted buffers would hold more rows, or read more expert weights, than
+  the grouped blocks (a few tokens: a decode step) it is always grouped.
 `capacity_factor=None` is dropless (capacity = number of tokens); otherwise each expert keeps
 `ceil(tokens * top_k / experts * capacity_factor)` rows and later (token, choice) pairs over capacity are
 dropped, in token order, identically in every path.
@@ -115,6 +119,12 @@ def group_block_size(pairs: int, num_experts: int) -> int:
     return int(min(512, max(8, 2 ** math.floor(math.log2(max(1, pairs // (2 * num_experts)))))))
 
 
+def group_blocks(pairs: int, num_experts: int, block: int) -> int:
+    """Blocks of the grouped path: expert runs padded to whole blocks need at most `pairs // block` plus one per
+    non-empty expert."""
+    return pairs // block + min(num_experts, pairs)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _take_blocks(weights: Array, block_expert: Int[Array, " blocks"], num_experts: int) -> Array:
     """`weights[block_expert]` (`block_expert` sorted); the weight gradient sums each expert's blocks in float32
@@ -163,6 +173,7 @@ class RoutedMoE(eqx.Module):
     activations: tuple[str, ...] = eqx.field(static=True)
     impl: str = eqx.field(static=True)
     capacity_factor: float | None = eqx.field(static=True)
+    fast_capacity_factor: float = eqx.field(static=True)
     dtype: jnp.dtype = eqx.field(static=True)
 
     def __init__(
@@ -177,6 +188,7 @@ class RoutedMoE(eqx.Module):
         activations: tuple[str, ...] = ("silu", "linear"),
         impl: str = "auto",
         capacity_factor: float | None = None,
+        fast_capacity_factor: float = 1.25,
         dtype: DTypeLike = jnp.float32,
         param_dtype: DTypeLike = jnp.float32,
         key: PRNGKeyArray,
@@ -191,9 +203,12 @@ class RoutedMoE(eqx.Module):
             get_activation(name)
         self.num_experts, self.num_experts_per_tok = num_experts, num_experts_per_tok
         self.norm_topk_prob, self.routing, self.activations = norm_topk_prob, routing, tuple(activations)
-        if impl == "auto":
-            impl = "grouped" if capacity_factor is None else "sorted"
+        if fast_capacity_factor < 1:
+            raise ValueError(f"fast_capacity_factor must be >= 1, got {fast_capacity_factor}")
+        if impl == "auto" and capacity_factor is not None:
+            impl = "sorted"
         self.impl, self.capacity_factor, self.dtype = impl, capacity_factor, jnp.dtype(dtype)
+        self.fast_capacity_factor = float(fast_capacity_factor)
         k_gate, k_wi, k_wo = jax.random.split(key, 3)
         self.gate = Linear(embed_dim, num_experts, dtype=dtype, param_dtype=param_dtype, key=k_gate)
         wi_shape = (num_experts, embed_dim, len(self.activations), mlp_dim)
@@ -237,6 +252,8 @@ class RoutedMoE(eqx.Module):
             y = self._dense(tokens, ids, slots, kept, weights, capacity, expert_fn)
         elif impl == "grouped":
             y = self._grouped(tokens, ids, kept, weights)
+        elif impl == "auto":
+            y = self._dropless(tokens, ids, slots, kept, weights)
         else:
             y = self._sorted(tokens, ids, slots, kept, weights, capacity, expert_fn)
         valid32 = valid.astype(jnp.float32)
@@ -266,12 +283,26 @@ class RoutedMoE(eqx.Module):
         gathered = expert_out[row]
         return jnp.einsum("tke,tk->te", gathered, weights)
 
+    def _dropless(self, tokens, ids, slots, kept, weights):
+        experts, pairs = self.num_experts, ids.size
+        capacity = expert_capacity(ids.shape[0], ids.shape[1], experts, self.fast_capacity_factor)
+        block = group_block_size(pairs, experts)
+        blocks = group_blocks(pairs, experts, block)
+        if experts > blocks or experts * capacity > blocks * block:
+            return self._grouped(tokens, ids, kept, weights)
+        # Differentiating a cond keeps the residuals of both branches (zeros for the one not taken); saving only
+        # the matmul outputs keeps that small (no per-block weight copies), the gathers are redone backward.
+        keep_dots = functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.checkpoint_dots)
+        fast = keep_dots(lambda t, w: self._sorted(t, ids, slots, kept, w, capacity, self._expert_mlp))
+        grouped = keep_dots(lambda t, w: self._grouped(t, ids, kept, w))
+        fits = jnp.max(slots) < capacity  # every expert's load fits: nothing is dropped at this capacity
+        return jax.lax.cond(fits, fast, grouped, tokens, weights)
+
     def _grouped(self, tokens, ids, kept, weights):
         num_tokens, top_k = ids.shape
         experts, pairs = self.num_experts, ids.size
         block = group_block_size(pairs, experts)
-        # Expert runs padded to whole blocks need at most pairs // block + (non-empty experts) blocks.
-        blocks = pairs // block + min(experts, pairs)
+        blocks = group_blocks(pairs, experts, block)
         expert_of_pair = jnp.where(kept, ids, experts).reshape(-1)  # dropped pairs sort last, into bucket E
         counts = jnp.bincount(expert_of_pair, length=experts + 1)[:experts]
         padded = (counts + block - 1) // block * block

@@ -135,7 +135,8 @@ class Qwen3MoeDecoderLayer(eqx.Module):
         self.moe_block = RoutedMoE(
             cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
             norm_topk_prob=cfg.norm_topk_prob, activations=(cfg.hidden_act, "linear"), impl=cfg.moe_impl,
-            capacity_factor=cfg.moe_capacity_factor, dtype=cfg.dtype, param_dtype=cfg.param_dtype, key=k_moe,
+            capacity_factor=cfg.moe_capacity_factor, fast_capacity_factor=cfg.moe_fast_capacity_factor,
+            dtype=cfg.dtype, param_dtype=cfg.param_dtype, key=k_moe,
         )
 
     def __call__(
@@ -409,7 +410,8 @@ class Qwen3NextSparseMoeBlock(eqx.Module):
         self.experts = RoutedMoE(
             cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok,
             norm_topk_prob=cfg.norm_topk_prob, activations=(cfg.hidden_act, "linear"), impl=cfg.moe_impl,
-            capacity_factor=cfg.moe_capacity_factor, key=k_experts, **dtypes,
+            capacity_factor=cfg.moe_capacity_factor, fast_capacity_factor=cfg.moe_fast_capacity_factor,
+            key=k_experts, **dtypes,
         )
         self.shared_expert = MLP(cfg.hidden_size, cfg.shared_expert_intermediate_size,
                                  activations=(cfg.hidden_act, "linear"), key=k_shared, **dtypes)

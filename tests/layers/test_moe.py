@@ -17,7 +17,7 @@ from eqx_models.layers.moe import RoutedMoE, RouterStats, load_balancing_loss, r
 from tests.reference import assert_close
 
 H, I, E, K = 32, 16, 8, 2
-IMPLS = ("sorted", "grouped", "dense")
+IMPLS = ("auto", "sorted", "grouped", "dense")
 
 
 def _weights(rng, hidden=H, mlp=I, experts=E):
@@ -232,15 +232,15 @@ def test_token_mask_excludes_tokens_from_stats_and_capacity(rng, impl, capacity_
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_gradients_of_all_impls_agree(rng, capacity_factor):
-    """d(sum(y * c))/d(x, gate, wi, wo) of the sorted and grouped paths agree with the dense path's to 1e-6
-    relative (per leaf)."""
+    """d(sum(y * c))/d(x, gate, wi, wo) of the auto, sorted and grouped paths agree with the dense path's to
+    1e-6 relative (per leaf)."""
     w = _weights(rng)
     x = _x(rng, (2, 6, H))
     c = _x(rng, (2, 6, H))
     grads = {impl: _weighted_sum((_ours(w, impl=impl, capacity_factor=capacity_factor), x), c)[1]
              for impl in IMPLS}
     gd, gxd = grads["dense"]
-    for impl in ("sorted", "grouped"):
+    for impl in ("auto", "sorted", "grouped"):
         gs, gxs = grads[impl]
         assert_close(gxs, gxd, 1e-6, f"dL/dx {impl} vs dense")
         for name in ("wi", "wo"):
@@ -265,20 +265,78 @@ def test_grouped_path_many_blocks_and_empty_experts(rng, tokens, experts, top_k)
 
 
 def test_auto_impl_and_expert_fn():
-    """"auto" is grouped when dropless and sorted with a capacity; a call with `expert_fn` gets the
-    `[experts, capacity, embed]` buffers of the sorted path whatever the impl."""
-    assert RoutedMoE(H, I, 4, 2, key=jax.random.key(0)).impl == "grouped"
+    """"auto" stays "auto" (decided per call) when dropless and is sorted with a capacity; a call with
+    `expert_fn` gets the `[experts, capacity, embed]` buffers of the sorted path whatever the impl."""
+    assert RoutedMoE(H, I, 4, 2, key=jax.random.key(0)).impl == "auto"
     assert RoutedMoE(H, I, 4, 2, capacity_factor=1.5, key=jax.random.key(0)).impl == "sorted"
     seen = []
     layer = RoutedMoE(H, I, 4, 2, key=jax.random.key(0))
     x = jnp.ones((5, H))
     y, _ = layer.forward(x, expert_fn=lambda b: seen.append(b.shape) or layer._expert_mlp(b))
     assert seen == [(4, 5, H)]
-    assert_close(y, layer(x)[0], 1e-6, "expert_fn path vs grouped path")
+    assert_close(y, layer(x)[0], 1e-6, "expert_fn path vs auto path")
+
+
+def _spy_paths(monkeypatch) -> list[str]:
+    """Makes `RoutedMoE._sorted` / `_grouped` record their name each time they run (a `jax.debug.callback`, so
+    inside a `lax.cond` only the branch taken records); returns the record."""
+    ran = []
+    for name in ("_sorted", "_grouped"):
+        def spy(self, tokens, *args, _original=getattr(RoutedMoE, name), _name=name):
+            jax.debug.callback(lambda: ran.append(_name))
+            return _original(self, tokens, *args)
+
+        monkeypatch.setattr(RoutedMoE, name, spy)
+    return ran
+
+
+@pytest.mark.parametrize("routing", ["balanced", "skewed"])
+def test_auto_dropless_runs_sorted_buffers_when_loads_fit(rng, monkeypatch, routing):
+    """Dropless "auto": when every expert's load fits `fast_capacity_factor` (1.5 here) x the mean load, the
+    sorted path runs with buffers of that size, else the grouped path (which branch ran is recorded at run time).
+    Either way the output equals float64 NumPy GShard (1e-5) and the gradients the dense path's (1e-6)."""
+    tokens, experts, top_k = 256, 8, 2
+    w = _weights(rng, experts=experts)
+    if routing == "balanced":
+        w["gate"] *= 0.02  # near-uniform router: loads close to the mean of 64
+        x = _x(rng, (1, tokens, H))
+    else:
+        w["gate"][: experts // 2] -= 1.0  # with inputs of mean 1, half of the experts get (almost) nothing
+        x = _x(rng, (1, tokens, H)) + 1.0
+    ref, st, _ = np_moe(w, x, top_k=top_k)
+    fits = st["counts"].max() <= math.ceil(tokens * top_k / experts * 1.5)
+    assert fits == (routing == "balanced"), st["counts"]
+    ran = _spy_paths(monkeypatch)
+    layer = _ours(w, top_k=top_k, fast_capacity_factor=1.5)
+    y, _ = eqx.filter_jit(lambda m, x: m(x))(layer, x)
+    jax.effects_barrier()
+    assert ran == (["_sorted"] if fits else ["_grouped"])
+    assert_close(y.reshape(ref.shape), ref, 1e-5, f"auto MoE, {routing} routing, vs NumPy")
+    c = _x(rng, x.shape)
+    grad = jax.jit(jax.grad(lambda m, x: jnp.sum(m(x)[0] * c), argnums=(0, 1)))
+    (g, gx), (gd, gxd) = grad(layer, x), grad(_ours(w, top_k=top_k, impl="dense"), x)
+    assert_close(gx, gxd, 1e-6, f"dL/dx auto ({routing}) vs dense")
+    for name in ("wi", "wo"):
+        assert_close(getattr(g, name), getattr(gd, name), 1e-6, f"dL/d{name} auto ({routing}) vs dense")
+    assert_close(g.gate.kernel, gd.gate.kernel, 1e-6, f"dL/dgate auto ({routing}) vs dense")
+
+
+def test_auto_decode_step_is_grouped(rng, monkeypatch):
+    """With a single token the sorted buffers would read every expert's weights where the grouped blocks read
+    top_k experts', so "auto" is grouped without a run-time check: the sorted path never runs."""
+    ran = _spy_paths(monkeypatch)
+    w = _weights(rng, experts=16)
+    layer = _ours(w, top_k=4)
+    x = _x(rng, (1, 1, H))
+    y, _ = eqx.filter_jit(lambda m, x: m(x))(layer, x)
+    jax.effects_barrier()
+    assert ran == ["_grouped"]
+    assert_close(y.reshape(1, H), np_moe(w, x, top_k=4)[0], 1e-5, "auto decode step vs NumPy")
 
 
 def test_bad_arguments_raise():
-    """k > E, k = 0, unknown impl and unknown routing are ValueErrors naming the problem."""
+    """k > E, k = 0, unknown impl, unknown routing and a fast capacity below the mean load are ValueErrors
+    naming the problem."""
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         RoutedMoE(H, I, 4, 5, key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_experts_per_tok"):
@@ -287,6 +345,8 @@ def test_bad_arguments_raise():
         RoutedMoE(H, I, 4, 2, impl="ragged", key=jax.random.key(0))
     with pytest.raises(ValueError, match="routing"):
         RoutedMoE(H, I, 4, 2, routing="sigmoid", key=jax.random.key(0))
+    with pytest.raises(ValueError, match="fast_capacity_factor"):
+        RoutedMoE(H, I, 4, 2, fast_capacity_factor=0.9, key=jax.random.key(0))
     with pytest.raises(ValueError, match="routing"):
         route(jnp.zeros((3, 4)), 2, routing="sigmoid")
 
