@@ -7,7 +7,7 @@
   devices); parameters are really split (specs asserted leaf by leaf against the rules, and against
   hand-written expectations for the characteristic leaves); gradients come out sharded like the parameters;
   expert-parallel meshes compile to an all-to-all; a full AdamW training step runs sharded and keeps every
-  sharding.
+  sharding; greedy `generate` on a sharded model gives the unsharded tokens.
 - The expert-parallel MoE layer alone (both compute paths, expert x tensor split) equals the plain layer in
   output, router statistics and gradients.
 - Mesh construction and rule resolution (fallbacks, stacked axes, errors) on abstract meshes; the Qwen3-0.6B
@@ -244,6 +244,20 @@ def test_sharded_training_step(case, models, references):
     assert np.isfinite(losses).all() and losses[1] < losses[0], losses
     for (path, before), (_, leaf) in zip(shardings, _leaves((model, opt_state)), strict=True):
         assert leaf.sharding.is_equivalent_to(before, leaf.ndim), f"{path}: {before} -> {leaf.sharding}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", list(CONFIGS))
+def test_generate_on_a_sharded_model(kind, models):
+    """`generate` on a model placed by `shard` (data x fsdp x tensor) gives the unsharded greedy tokens (a
+    left-padded batch of 4; the KV cache and Gated DeltaNet state are laid out by GSPMD)."""
+    mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    ids = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, (4, 7)), jnp.int32)
+    mask = jnp.ones_like(ids).at[1, :3].set(0)
+    ref = np.asarray(em.generate(models[kind], ids, 10, attention_mask=mask))
+    assert len(set(ref[:, 7:].ravel().tolist())) > 5, "degenerate greedy output: the test would be weak"
+    out = em.generate(partitioning.shard(models[kind], mesh), ids, 10, attention_mask=mask)
+    np.testing.assert_array_equal(np.asarray(out), ref)
 
 
 @pytest.mark.parametrize("impl", ["sorted", "dense"])
