@@ -248,15 +248,17 @@ def test_sharded_training_step(case, models, references):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(CONFIGS))
-def test_generate_on_a_sharded_model(kind, models):
+def test_generate_on_a_sharded_model(kind):
     """`generate` on a model placed by `shard` (data x fsdp x tensor) gives the unsharded greedy tokens (a
-    left-padded batch of 4; the KV cache and Gated DeltaNet state are laid out by GSPMD)."""
+    left-padded batch of 4; the KV cache and Gated DeltaNet state are laid out by GSPMD). A model of its own:
+    the training-step test donates buffers that `shard` may share with the `models` fixture."""
+    model = _random_model(kind, seed=2)
     mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     ids = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, (4, 7)), jnp.int32)
     mask = jnp.ones_like(ids).at[1, :3].set(0)
-    ref = np.asarray(em.generate(models[kind], ids, 10, attention_mask=mask))
+    ref = np.asarray(em.generate(model, ids, 10, attention_mask=mask))
     assert len(set(ref[:, 7:].ravel().tolist())) > 5, "degenerate greedy output: the test would be weak"
-    out = em.generate(partitioning.shard(models[kind], mesh), ids, 10, attention_mask=mask)
+    out = em.generate(partitioning.shard(model, mesh), ids, 10, attention_mask=mask)
     np.testing.assert_array_equal(np.asarray(out), ref)
 
 
