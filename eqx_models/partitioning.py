@@ -267,7 +267,9 @@ def shard(tree: T, mesh: Mesh, rules: Rules | None = None) -> T:
     model from `eqx.filter_eval_shape` becomes the target of a sharded checkpoint restore, allocating nothing.
 
     Arrays must hold the same value on every process (jax checks), e.g. a model built on each process from the
-    same key; each process then transfers only its own shards."""
+    same key; each process then transfers only its own shards. As with `jax.device_put`, a placed array may share
+    device buffers with the one given (a replicated leaf keeps its buffer on the device it was on), so a training
+    step that donates the result (`make_train_step`) also invalidates those leaves of `tree`."""
     rules = DEFAULT_RULES if rules is None else rules
 
     def place(path, leaf):
