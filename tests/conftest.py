@@ -4,6 +4,7 @@ The jaxtyping import hook (with beartype) is installed by pytest itself from `--
 pyproject.toml, before this file runs; `eqx_models` must therefore only be imported by the test modules.
 """
 
+import gc
 import os
 
 # 8 simulated CPU devices for the sharding tests (tests/test_partitioning.py); read when jax first starts its
@@ -17,6 +18,16 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drops jax's compilation caches after each test module. Every compiled CPU program keeps memory mappings
+    alive; over the whole suite they passed the kernel's limit (`vm.max_map_count`, 65,530), and XLA then
+    crashed compiling (a segfault in `backend_compile_and_load`)."""
+    yield
+    jax.clear_caches()
+    gc.collect()
 
 
 @pytest.fixture
