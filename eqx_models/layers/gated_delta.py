@@ -291,16 +291,74 @@ def chunk_gated_delta_rule(
     if to_last is not None:
         decay_out = jnp.where(to_last, decay_out, 0.0)
     k_out = k * decay_out[..., None]
-    chunk_decay = decay_in[..., -1, None, None]
+    o, state = _chunk_scan(q_in, intra, u, w, k_out, decay_in[..., -1], state)
+    return _from_chunks(o, seq).astype(out_dtype), state
+
+
+def _t(x: Array) -> Array:
+    return jnp.swapaxes(x, -1, -2)
+
+
+def _chunk_states(u, w, k_out, chunk_decay, state):
+    """Per chunk c: `V'_c = U_c - W_c S_c`, `S_{c+1} = d_c S_c + K_out_c^T V'_c`; returns `(S_c, V'_c)` for all c
+    and the final state."""
 
     def step(state, x):
-        u, w, q_in, intra, k_out, chunk_decay = x
+        u, w, k_out, decay = x
+        v_new = u - w @ state
+        return state * decay[..., None, None] + _t(k_out) @ v_new, (state, v_new)
+
+    state, (states, v_new) = jax.lax.scan(step, state, (u, w, k_out, chunk_decay))
+    return states, v_new, state
+
+
+@jax.custom_vjp
+def _chunk_scan(q_in, intra, u, w, k_out, chunk_decay, state):
+    """The sequential part of the chunked rule: `_chunk_states` and the output `O_c = Q_in_c S_c + intra_c V'_c`.
+
+    Without differentiation the output is formed inside the scan and no per-chunk state is kept. The backward
+    pass (`_chunk_scan_bwd`) carries only the state's cotangent through the chunks and computes every other
+    gradient afterwards, batched over chunks, where `jax.grad` of the scan would do all of it per step.
+    """
+
+    def step(state, x):
+        q_in, intra, u, w, k_out, decay = x
         v_new = u - w @ state
         o = q_in @ state + intra @ v_new
-        return state * chunk_decay + jnp.swapaxes(k_out, -1, -2) @ v_new, o
+        return state * decay[..., None, None] + _t(k_out) @ v_new, o
 
-    state, o = jax.lax.scan(step, state, (u, w, q_in, intra, k_out, chunk_decay))
-    return _from_chunks(o, seq).astype(out_dtype), state
+    state, o = jax.lax.scan(step, state, (q_in, intra, u, w, k_out, chunk_decay))
+    return o, state
+
+
+def _chunk_scan_fwd(q_in, intra, u, w, k_out, chunk_decay, state):
+    states, v_new, final = _chunk_states(u, w, k_out, chunk_decay, state)
+    o = q_in @ states + intra @ v_new
+    return (o, final), (q_in, intra, w, k_out, chunk_decay, states, v_new)
+
+
+def _chunk_scan_bwd(residuals, cotangents):
+    q_in, intra, w, k_out, chunk_decay, states, v_new = residuals
+    d_o, d_final = cotangents
+    d_q_in, d_intra = d_o @ _t(states), d_o @ _t(v_new)
+
+    def step(d_next, x):
+        """`d_next`: the cotangent of `S_{c+1}`; returns that of `S_c`."""
+        d_state, d_v, w, k_out, decay = x
+        d_v = d_v + k_out @ d_next
+        d_state = d_state + d_next * decay[..., None, None] - _t(w) @ d_v
+        return d_state, (d_next, d_v)
+
+    d_initial, (d_nexts, d_u) = jax.lax.scan(
+        step, d_final, (_t(q_in) @ d_o, _t(intra) @ d_o, w, k_out, chunk_decay), reverse=True
+    )
+    d_w = -d_u @ _t(states)
+    d_k_out = v_new @ _t(d_nexts)
+    d_decay = jnp.sum(states * d_nexts, axis=(-2, -1))
+    return d_q_in, d_intra, d_u, d_w, d_k_out, d_decay, d_initial
+
+
+_chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
 
 
 def gated_delta_rule(
