@@ -1,9 +1,10 @@
 """Gated delta rule forward and forward+backward at B=4, T=4096 with Qwen3-Next's linear-attention heads
 (16 query/key heads, 32 value heads, dim 128), bf16 inputs (float32 maths inside), for each form of
-`eqx_models.layers.gated_delta.gated_delta_rule`: "chunk" (the training path), "naive_chunk" (HF's algorithm),
-"recurrent" (token by token). Anchor on an H100: fla's Triton `chunk_gated_delta_rule` 1.45 / 4.89 ms.
+`eqx_models.layers.gated_delta.gated_delta_rule`: "chunk" (the training path), "chunk_pallas" (its scan over
+chunks as Pallas Triton kernels; interpreted off GPU, so its CPU figures mean nothing), "naive_chunk" (HF's
+algorithm), "recurrent" (token by token). Anchor on an H100: fla's Triton `chunk_gated_delta_rule` 1.45 / 4.89 ms.
 
-    python benchmarks/gated_delta.py [--small] [--impls chunk naive_chunk recurrent] [--record]
+    python benchmarks/gated_delta.py [--small] [--impls chunk chunk_pallas naive_chunk recurrent] [--record]
 """
 
 import jax
@@ -17,8 +18,8 @@ FLA_H100_MS = {"fwd": 1.45, "fwd_bwd": 4.89}
 
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__.splitlines()[0], warmup=2, iters=10)
-    p.add_argument("--impls", nargs="+", default=["chunk", "naive_chunk", "recurrent"],
-                   choices=["chunk", "naive_chunk", "recurrent"])
+    p.add_argument("--impls", nargs="+", default=["chunk", "chunk_pallas", "naive_chunk", "recurrent"],
+                   choices=["chunk", "chunk_pallas", "naive_chunk", "recurrent"])
     p.add_argument("--batch", type=int, default=None, help="default 4 (1 with --small)")
     p.add_argument("--seq", type=int, default=None, help="default 4096 (128 with --small)")
     p.add_argument("--key-heads", type=int, default=None, help="default 16 (2 with --small)")

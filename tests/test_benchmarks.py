@@ -18,7 +18,7 @@ TINY = ["--small", "--warmup", "1", "--iters", "1", "--record"]
 CASES = {
     "train_step": ["--remat", "none"],
     "attention": [],
-    "gated_delta": ["--seq", "64", "--impls", "chunk"],
+    "gated_delta": ["--seq", "64", "--impls", "chunk", "chunk_pallas"],
     "moe": ["--tokens", "64", "--capacity-factors", "2.0"],
     "decode": [],
     "compile_time": ["--warmup", "0", "--layers", "3", "1", "--batch", "1", "--seq", "16", "--remat", "none"],

@@ -1,4 +1,4 @@
-"""The gated delta rule (the token mixer of Gated DeltaNet / Qwen3-Next `linear_attn`) in three forms.
+"""The gated delta rule (the token mixer of Gated DeltaNet / Qwen3-Next `linear_attn`) in three forms, and a kernel.
 
 Per batch row and value head, with a `key_dim x value_dim` state `S` starting at `initial_state` (or zeros):
 
@@ -9,30 +9,35 @@ Per batch row and value head, with a `key_dim x value_dim` state `S` starting at
   everything per chunk.
 - `chunk_gated_delta_rule`: everything that does not depend on the carried state (decays, the WY factors from
   one batched unit-triangular inverse, the intra-chunk attention) computed for all chunks at once; the scan over
-  chunks only does the state matmuls. The training path.
+  chunks only does the state matmuls. The training path. With `pallas=True` (`impl="chunk_pallas"`) that scan,
+  forward and backward, is a Pallas Triton kernel; off GPU it runs in Pallas's interpreter. Not yet measured
+  on a GPU, so `"auto"` does not pick it.
 
 `gated_delta_rule(impl=...)` dispatches (`select_gated_delta_impl` says which form runs). All maths is float32;
 the output comes back in `v.dtype` and the state in float32. `reset[b, t]` starts a new sequence at `t` (the
 state carried into `t` is dropped), for packed rows; padding tokens need `g = 0, beta = 0` (state unchanged).
 """
 
+import functools
 from typing import Literal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Bool, Float
 
 from eqx_models.layers.norms import l2norm
 
-GatedDeltaImpl = Literal["auto", "recurrent", "naive_chunk", "chunk"]
-GATED_DELTA_IMPLS = ("auto", "recurrent", "naive_chunk", "chunk")
+GatedDeltaImpl = Literal["auto", "recurrent", "naive_chunk", "chunk", "chunk_pallas"]
+GATED_DELTA_IMPLS = ("auto", "recurrent", "naive_chunk", "chunk", "chunk_pallas")
 
 _Out = tuple[Float[Array, "batch seq heads value_dim"], Float[Array, "batch heads key_dim value_dim"]]
 
 
 def select_gated_delta_impl(
     seq_len: int, impl: GatedDeltaImpl = "auto"
-) -> Literal["recurrent", "naive_chunk", "chunk"]:
+) -> Literal["recurrent", "naive_chunk", "chunk", "chunk_pallas"]:
     """The form `gated_delta_rule` runs: `impl` itself, or for `"auto"` the recurrent form when `seq_len == 1`
     (decode) and the fast chunked form otherwise, as HF does."""
     if impl not in GATED_DELTA_IMPLS:
@@ -260,6 +265,7 @@ def chunk_gated_delta_rule(
     reset: Bool[Array, "batch seq"] | None = None,
     use_qk_l2norm: bool = True,
     scale: float | None = None,
+    pallas: bool = False,
 ) -> _Out:
     """The chunked gated delta rule with all state-free work batched over chunks (the training path).
 
@@ -268,9 +274,15 @@ def chunk_gated_delta_rule(
     `A = strict_lower(beta_i (k_i . k_j) Gamma_ij)`, and the intra-chunk attention `(Q K^T) * Gamma`; then a scan
     over chunks with `V' = U - W S`, `O = (Q exp(G)) S + intra V'`,
     `S <- exp(G_last) S + (K exp(G_last - G))^T V'`. Same arguments and result as `recurrent_gated_delta_rule`.
+
+    `pallas=True` runs the scan over chunks, forward and backward, as Pallas Triton kernels (`_pallas_chunk_scan`,
+    `_pallas_chunk_scan_bwd`): one program per (batch row, head, block of value columns) keeps its block of the
+    state on chip for all chunks. Off GPU they run in Pallas's interpreter (slow; for tests).
     """
     _check_chunk_size(chunk_size)
     out_dtype, seq, value_dim = v.dtype, v.shape[1], v.shape[3]
+    if pallas:
+        _check_pallas_tiles(chunk_size, q.shape[3], value_dim)
     q, k, v, g, beta, state = _prepare(q, k, v, g, beta, initial_state, reset, use_qk_l2norm, scale)
     q, k, v, g, beta = (_to_chunks(x, chunk_size) for x in (q, k, v, g, beta))  # (chunks, batch, heads, chunk, ..)
     segments = None if reset is None else _reset_segments(reset, chunk_size)
@@ -291,7 +303,7 @@ def chunk_gated_delta_rule(
     if to_last is not None:
         decay_out = jnp.where(to_last, decay_out, 0.0)
     k_out = k * decay_out[..., None]
-    o, state = _chunk_scan(q_in, intra, u, w, k_out, decay_in[..., -1], state)
+    o, state = _chunk_scan(pallas, q_in, intra, u, w, k_out, decay_in[..., -1], state)
     return _from_chunks(o, seq).astype(out_dtype), state
 
 
@@ -312,14 +324,17 @@ def _chunk_states(u, w, k_out, chunk_decay, state):
     return states, v_new, state
 
 
-@jax.custom_vjp
-def _chunk_scan(q_in, intra, u, w, k_out, chunk_decay, state):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _chunk_scan(pallas, q_in, intra, u, w, k_out, chunk_decay, state):
     """The sequential part of the chunked rule: `_chunk_states` and the output `O_c = Q_in_c S_c + intra_c V'_c`.
 
     Without differentiation the output is formed inside the scan and no per-chunk state is kept. The backward
     pass (`_chunk_scan_bwd`) carries only the state's cotangent through the chunks and computes every other
     gradient afterwards, batched over chunks, where `jax.grad` of the scan would do all of it per step.
     """
+    if pallas:
+        o, final = _pallas_chunk_scan(q_in, intra, u, w, k_out, chunk_decay, state, keep_states=False)
+        return o, final
 
     def step(state, x):
         q_in, intra, u, w, k_out, decay = x
@@ -331,27 +346,34 @@ def _chunk_scan(q_in, intra, u, w, k_out, chunk_decay, state):
     return o, state
 
 
-def _chunk_scan_fwd(q_in, intra, u, w, k_out, chunk_decay, state):
-    states, v_new, final = _chunk_states(u, w, k_out, chunk_decay, state)
-    o = q_in @ states + intra @ v_new
+def _chunk_scan_fwd(pallas, q_in, intra, u, w, k_out, chunk_decay, state):
+    if pallas:
+        o, final, states, v_new = _pallas_chunk_scan(
+            q_in, intra, u, w, k_out, chunk_decay, state, keep_states=True
+        )
+    else:
+        states, v_new, final = _chunk_states(u, w, k_out, chunk_decay, state)
+        o = q_in @ states + intra @ v_new
     return (o, final), (q_in, intra, w, k_out, chunk_decay, states, v_new)
 
 
-def _chunk_scan_bwd(residuals, cotangents):
+def _chunk_scan_bwd(pallas, residuals, cotangents):
     q_in, intra, w, k_out, chunk_decay, states, v_new = residuals
     d_o, d_final = cotangents
     d_q_in, d_intra = d_o @ _t(states), d_o @ _t(v_new)
+    d_state, d_v = _t(q_in) @ d_o, _t(intra) @ d_o
+    if pallas:
+        d_nexts, d_u, d_initial = _pallas_chunk_scan_bwd(d_state, d_v, w, k_out, chunk_decay, d_final)
+    else:
 
-    def step(d_next, x):
-        """`d_next`: the cotangent of `S_{c+1}`; returns that of `S_c`."""
-        d_state, d_v, w, k_out, decay = x
-        d_v = d_v + k_out @ d_next
-        d_state = d_state + d_next * decay[..., None, None] - _t(w) @ d_v
-        return d_state, (d_next, d_v)
+        def step(d_next, x):
+            """`d_next`: the cotangent of `S_{c+1}`; returns that of `S_c`."""
+            d_state, d_v, w, k_out, decay = x
+            d_v = d_v + k_out @ d_next
+            d_state = d_state + d_next * decay[..., None, None] - _t(w) @ d_v
+            return d_state, (d_next, d_v)
 
-    d_initial, (d_nexts, d_u) = jax.lax.scan(
-        step, d_final, (_t(q_in) @ d_o, _t(intra) @ d_o, w, k_out, chunk_decay), reverse=True
-    )
+        d_initial, (d_nexts, d_u) = jax.lax.scan(step, d_final, (d_state, d_v, w, k_out, chunk_decay), reverse=True)
     d_w = -d_u @ _t(states)
     d_k_out = v_new @ _t(d_nexts)
     d_decay = jnp.sum(states * d_nexts, axis=(-2, -1))
@@ -359,6 +381,93 @@ def _chunk_scan_bwd(residuals, cotangents):
 
 
 _chunk_scan.defvjp(_chunk_scan_fwd, _chunk_scan_bwd)
+
+_PALLAS_VALUE_BLOCK = 32  # value columns per program (fla's kernels tune 32 / 64); untuned here
+
+
+def _check_pallas_tiles(chunk_size: int, key_dim: int, value_dim: int) -> None:
+    block = min(_PALLAS_VALUE_BLOCK, value_dim)
+    if value_dim % block:
+        raise ValueError(f"chunk_pallas needs value_dim ({value_dim}) to be a multiple of {block}")
+    tiles = {"chunk_size": chunk_size, "key_dim": key_dim, "value block": block}
+    if jax.default_backend() == "gpu" and any(n < 16 or n & (n - 1) for n in tiles.values()):
+        raise ValueError(f"chunk_pallas on GPU needs tiles that are powers of two >= 16 (Triton), got {tiles}")
+
+
+def _pallas_call(kernel, chunk_decay: Array, value_dim: int, ins, outs, name: str):
+    """Runs `kernel` on a grid `(batch, heads, value blocks)`: every program sees all chunks of its (batch row,
+    head) and one block of value columns. `ins` / `outs` are `(shape, split)` pairs: `(chunks, batch, heads, rows,
+    cols)` arrays whose `cols` are value columns when `split` (else whole), `(batch, heads, key_dim, value_dim)`
+    states, or the `(chunks, batch, heads)` chunk decays. Off GPU the kernel runs in Pallas's interpreter."""
+    _, batch, heads = chunk_decay.shape
+    block = min(_PALLAS_VALUE_BLOCK, value_dim)
+
+    def spec(shape, split):
+        if len(shape) == 3:
+            return pl.BlockSpec((shape[0], None, None), lambda b, h, j: (0, b, h))
+        if len(shape) == 4:
+            return pl.BlockSpec((None, None, shape[2], block), lambda b, h, j: (b, h, 0, j))
+        if split:
+            return pl.BlockSpec((shape[0], None, None, shape[3], block), lambda b, h, j: (0, b, h, 0, j))
+        return pl.BlockSpec((shape[0], None, None, *shape[3:]), lambda b, h, j: (0, b, h, 0, 0))
+
+    return pl.pallas_call(
+        kernel,
+        grid=(batch, heads, value_dim // block),
+        in_specs=[spec(*x) for x in ins],
+        out_specs=[spec(*x) for x in outs],
+        out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for shape, _ in outs],
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        interpret=jax.default_backend() != "gpu",
+        name=name,
+    )
+
+
+def _pallas_chunk_scan(q_in, intra, u, w, k_out, chunk_decay, state, *, keep_states: bool):
+    """`_chunk_scan`'s forward as one Pallas kernel: `(o, final_state)`, and with `keep_states` also every
+    chunk's incoming state and `V'` (the backward pass's residuals)."""
+    chunks = u.shape[0]
+
+    def kernel(q_in_ref, intra_ref, u_ref, w_ref, k_out_ref, decay_ref, initial_ref, o_ref, final_ref, *kept):
+        def body(c, state):
+            v_new = u_ref[c] - plgpu.dot(w_ref[c], state)
+            o_ref[c] = plgpu.dot(q_in_ref[c], state) + plgpu.dot(intra_ref[c], v_new)
+            if keep_states:
+                kept[0][c] = state
+                kept[1][c] = v_new
+            return state * decay_ref[c] + plgpu.dot(k_out_ref[c], v_new, trans_a=True)
+
+        final_ref[...] = jax.lax.fori_loop(0, chunks, body, initial_ref[...])
+
+    ins = [(q_in.shape, False), (intra.shape, False), (u.shape, True), (w.shape, False), (k_out.shape, False),
+           (chunk_decay.shape, False), (state.shape, True)]
+    outs = [(u.shape, True), (state.shape, True)]
+    if keep_states:
+        outs += [((chunks, *state.shape), True), (u.shape, True)]
+    call = _pallas_call(kernel, chunk_decay, u.shape[-1], ins, outs, "gated_delta_chunk_scan")
+    return call(q_in, intra, u, w, k_out, chunk_decay, state)
+
+
+def _pallas_chunk_scan_bwd(d_state, d_v, w, k_out, chunk_decay, d_final):
+    """The backward scan of `_chunk_scan_bwd` as one Pallas kernel: the cotangents of every `S_{c+1}` and `U_c`,
+    and of the initial state."""
+    chunks = w.shape[0]
+
+    def kernel(d_state_ref, d_v_ref, w_ref, k_out_ref, decay_ref, d_final_ref, d_nexts_ref, d_u_ref, d_initial_ref):
+        def body(i, d_next):
+            c = chunks - 1 - i
+            d_nexts_ref[c] = d_next
+            d_v = d_v_ref[c] + plgpu.dot(k_out_ref[c], d_next)
+            d_u_ref[c] = d_v
+            return d_state_ref[c] + d_next * decay_ref[c] - plgpu.dot(w_ref[c], d_v, trans_a=True)
+
+        d_initial_ref[...] = jax.lax.fori_loop(0, chunks, body, d_final_ref[...])
+
+    ins = [(d_state.shape, True), (d_v.shape, True), (w.shape, False), (k_out.shape, False),
+           (chunk_decay.shape, False), (d_final.shape, True)]
+    outs = [(d_state.shape, True), (d_v.shape, True), (d_final.shape, True)]
+    call = _pallas_call(kernel, chunk_decay, d_v.shape[-1], ins, outs, "gated_delta_chunk_scan_bwd")
+    return call(d_state, d_v, w, k_out, chunk_decay, d_final)
 
 
 def gated_delta_rule(
@@ -386,5 +495,6 @@ def gated_delta_rule(
     chosen = select_gated_delta_impl(v.shape[1], impl)
     if chosen == "recurrent":
         return recurrent_gated_delta_rule(q, k, v, g, beta, **kwargs)
-    form = chunk_gated_delta_rule if chosen == "chunk" else naive_chunk_gated_delta_rule
-    return form(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+    if chosen == "naive_chunk":
+        return naive_chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, **kwargs)
+    return chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=chunk_size, pallas=chosen == "chunk_pallas", **kwargs)

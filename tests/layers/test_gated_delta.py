@@ -1,4 +1,4 @@
-"""The gated delta rule's three forms vs HF qwen3_next `torch_{chunk,recurrent}_gated_delta_rule` (torch
+"""The gated delta rule's forms vs HF qwen3_next `torch_{chunk,recurrent}_gated_delta_rule` (torch
 fallbacks, float32) and vs a float64 NumPy recurrence written here (resets, which HF lacks)."""
 
 import functools
@@ -58,11 +58,12 @@ def _form(name, chunk_size=16, **kw):
         "recurrent": gd.recurrent_gated_delta_rule,
         "naive_chunk": functools.partial(gd.naive_chunk_gated_delta_rule, chunk_size=chunk_size),
         "chunk": functools.partial(gd.chunk_gated_delta_rule, chunk_size=chunk_size),
+        "chunk_pallas": functools.partial(gd.chunk_gated_delta_rule, chunk_size=chunk_size, pallas=True),
     }[name]
     return jax.jit(functools.partial(fn, **kw))
 
 
-FORMS = ("recurrent", "naive_chunk", "chunk")
+FORMS = ("recurrent", "naive_chunk", "chunk", "chunk_pallas")
 
 
 @pytest.mark.parametrize(
@@ -77,7 +78,7 @@ FORMS = ("recurrent", "naive_chunk", "chunk")
     ],
 )
 def test_forms_agree_with_float64_recurrence(rng, seq, chunk_size, key_heads, heads, with_state, l2):
-    """All three forms (outputs and final states) vs the float64 NumPy recurrence, rel <= 1e-5."""
+    """All forms (outputs and final states) vs the float64 NumPy recurrence, rel <= 1e-5."""
     q, k, v, g, beta, s0 = _inputs(rng, 2, seq, key_heads, heads)
     s0 = s0 if with_state else None
     ref_o, ref_s = _numpy_gdn(q, k, v, g, beta, s0, l2=l2)
@@ -127,6 +128,7 @@ def test_chunk_gradients_match_recurrent(rng, seq, key_heads, heads, l2, with_re
     for name, fn in [
         ("chunk", functools.partial(gd.chunk_gated_delta_rule, chunk_size=16)),
         ("naive_chunk", functools.partial(gd.naive_chunk_gated_delta_rule, chunk_size=16)),
+        ("chunk_pallas", functools.partial(gd.chunk_gated_delta_rule, chunk_size=16, pallas=True)),
     ]:
         for arg, ours, theirs in zip(("q", "k", "v", "g", "beta", "initial_state"), grads(fn), ref):
             assert_close(ours, theirs, 1e-5, f"{name} d/d{arg} vs recurrent (l2={l2}, reset={with_reset})")
@@ -245,22 +247,79 @@ def test_select_impl():
     assert gd.select_gated_delta_impl(1, "auto") == "recurrent"
     assert gd.select_gated_delta_impl(2, "auto") == "chunk"
     assert gd.select_gated_delta_impl(1000, "auto") == "chunk"
-    for impl in ("recurrent", "naive_chunk", "chunk"):
+    for impl in ("recurrent", "naive_chunk", "chunk", "chunk_pallas"):
         assert gd.select_gated_delta_impl(1, impl) == impl
         assert gd.select_gated_delta_impl(77, impl) == impl
     with pytest.raises((ValueError, jaxtyping.TypeCheckError), match="fast"):
         gd.select_gated_delta_impl(5, "fast")
 
 
-@pytest.mark.parametrize("impl", ["auto", "recurrent", "naive_chunk", "chunk"])
+@pytest.mark.parametrize("impl", ["auto", "recurrent", "naive_chunk", "chunk", "chunk_pallas"])
 def test_dispatch_runs_the_chosen_form(rng, impl):
     q, k, v, g, beta, _ = (jnp.asarray(x) for x in _inputs(rng, 1, 9, 1, 2))
     ref = {"auto": gd.chunk_gated_delta_rule, "recurrent": gd.recurrent_gated_delta_rule,
-           "naive_chunk": gd.naive_chunk_gated_delta_rule, "chunk": gd.chunk_gated_delta_rule}[impl]
+           "naive_chunk": gd.naive_chunk_gated_delta_rule, "chunk": gd.chunk_gated_delta_rule,
+           "chunk_pallas": functools.partial(gd.chunk_gated_delta_rule, pallas=True)}[impl]
     o, s = gd.gated_delta_rule(q, k, v, g, beta, impl=impl, chunk_size=4)
     o_ref, s_ref = ref(q, k, v, g, beta, **({} if impl == "recurrent" else {"chunk_size": 4}))
     np.testing.assert_array_equal(np.asarray(o), np.asarray(o_ref))
     np.testing.assert_array_equal(np.asarray(s), np.asarray(s_ref))
+
+
+def _primitives(jaxpr) -> list[str]:
+    """Names of the primitives in `jaxpr` and its sub-jaxprs, not looking inside `pallas_call` kernels."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    names += _primitives(sub)
+    return names
+
+
+def test_chunk_pallas_runs_the_kernels_and_checks_gpu_tiles(rng, monkeypatch):
+    """`pallas=True` computes the chunk scan (forward, and forward + backward under `jax.grad`) in `pallas_call`s
+    and none of it in a `lax.scan`; on GPU, tiles Triton cannot take are a ValueError naming them."""
+    q, k, v, g, beta, s0 = (jnp.asarray(x) for x in _inputs(rng, 1, 40, 2, 4))
+
+    def loss(q, pallas):
+        o, s = gd.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=16, initial_state=s0, pallas=pallas)
+        return jnp.sum(o) + jnp.sum(s)
+
+    for pallas, kernels, scans in ((True, 2, 0), (False, 0, 2)):
+        names = _primitives(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(q, pallas).jaxpr)
+        assert (names.count("pallas_call"), names.count("scan")) == (kernels, scans), pallas
+    names = _primitives(jax.make_jaxpr(loss, static_argnums=1)(q, True).jaxpr)
+    assert (names.count("pallas_call"), names.count("scan")) == (1, 0)
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with pytest.raises(ValueError, match=r"powers of two >= 16 \(Triton\), got \{'chunk_size': 16, 'key_dim': 16, "
+                                         r"'value block': 8\}"):
+        gd.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=16, pallas=True)
+    with pytest.raises(ValueError, match=r"value_dim \(40\) to be a multiple of 32"):
+        v40 = jnp.ones(v.shape[:3] + (40,))
+        gd.chunk_gated_delta_rule(q, k, v40, g, beta, chunk_size=16, pallas=True)
+
+
+def test_chunk_pallas_lowers_to_triton_for_gpu(monkeypatch):
+    """Without a GPU the kernels run interpreted; this lowers them for CUDA (Pallas -> Triton IR, no PTX) at
+    Qwen3-Next's tile sizes (chunk 64, key_dim 128, value_dim 128), forward and backward, so a kernel Triton
+    cannot express fails here."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    q, v = jnp.ones((1, 128, 1, 128), jnp.bfloat16), jnp.ones((1, 128, 2, 128), jnp.bfloat16)
+    g = -jnp.ones((1, 128, 2))
+
+    def loss(q, k, v, g, beta):
+        o, s = gd.chunk_gated_delta_rule(q, k, v, g, beta, chunk_size=64, pallas=True)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+
+    for fn, kernels in ((loss, 1), (jax.grad(loss, argnums=range(5)), 2)):
+        text = jax.jit(fn).trace(q, q, v, g, g).lower(lowering_platforms=("cuda",)).as_text()
+        assert text.count("__gpu$xla.gpu.triton") == kernels
 
 
 def _raw(fn):
