@@ -1,11 +1,11 @@
 """`RoutedMoE` forward+backward at Qwen3-30B-A3B shapes (hidden 2048, expert width 768, 128 experts, top-8),
-8192 tokens, bf16 compute: the compute paths ("auto", "sorted", "grouped", "dense"), balanced and skewed routing, with and
-without an expert capacity (dropless: `capacity_factor` none). TFLOP/s counts the expert matmuls of the (token,
+8192 tokens, bf16 compute: the compute paths ("auto", "sorted", "grouped", "grouped_pallas": interpreted off GPU,
+"dense"), balanced and skewed routing, with and without an expert capacity (dropless: `capacity_factor` none). TFLOP/s counts the expert matmuls of the (token,
 expert) pairs kept (6 * hidden * width flops each forward, 3x that forward+backward); the drop fraction and load
 imbalance are printed beside it.
 
-    python benchmarks/moe.py [--small] [--impls auto sorted grouped dense] [--routings balanced skewed]
-                             [--capacity-factors 1.25 none] [--record]
+    python benchmarks/moe.py [--small] [--impls auto sorted grouped grouped_pallas dense]
+                             [--routings balanced skewed] [--capacity-factors 1.25 none] [--record]
 
 "balanced" is a random router on random tokens. "skewed" steers routing through the inputs: every token gets a
 shared component `a * u` and the router's columns get `u * bias_e / a`, which adds a Zipf-like
@@ -37,7 +37,7 @@ def skew(moe: RoutedMoE, direction: jax.Array, routing: str) -> RoutedMoE:
 
 def main(argv: list[str] | None = None) -> None:
     p = common.parser(__doc__.splitlines()[0], warmup=2, iters=10)
-    impls = ["auto", "sorted", "grouped", "dense"]
+    impls = ["auto", "sorted", "grouped", "grouped_pallas", "dense"]
     p.add_argument("--impls", nargs="+", default=impls, choices=impls)
     p.add_argument("--routings", nargs="+", default=["balanced", "skewed"], choices=["balanced", "skewed"])
     p.add_argument("--capacity-factors", nargs="+", default=["1.25", "none"],

@@ -18,3 +18,18 @@ def assert_close(ours, ref, tol: float, what: str) -> float:
     print(f"{what}: max rel err {err:.3e} (tol {tol:.0e})")
     assert err <= tol, f"{what}: max relative error {err:.3e} exceeds {tol:.0e}"
     return err
+
+
+def primitive_names(jaxpr) -> list[str]:
+    """Names of the primitives in `jaxpr` and its sub-jaxprs, not looking inside `pallas_call` kernels."""
+    names = []
+    for eqn in jaxpr.eqns:
+        names.append(eqn.primitive.name)
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (tuple, list)) else (param,):
+                sub = getattr(sub, "jaxpr", sub)
+                if hasattr(sub, "eqns"):
+                    names += primitive_names(sub)
+    return names

@@ -11,6 +11,10 @@ Compute paths (`impl`):
   blocks, and every block is multiplied by its own expert's weights (gathered per block). Work grows with
   `tokens * top_k`, not with `tokens * experts`, so this is the dropless path; a batch-1 decode step touches
   about `top_k` experts instead of all of them.
+- `"grouped_pallas"`: `"grouped"` with both projections as a Pallas Triton grouped matmul
+  (`eqx_models.layers.grouped_matmul`) that reads each tile's expert weights in place instead of copying them per
+  block. Interpreted off GPU; blocks under 16 rows on GPU (a few tokens) keep the XLA form. Not yet measured on
+  a GPU, so `"auto"` does not pick it.
 - `"dense"`: GShard dispatch/combine one-hot einsums `[tokens, experts, capacity]`.
 - `"auto"` (default): `"sorted"` with a capacity. Dropless, it checks at run time (`lax.cond`) whether every
   expert's load fits buffers of `fast_capacity_factor` times the mean load: if so the sorted path runs with
@@ -38,6 +42,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
+from eqx_models.layers.grouped_matmul import grouped_matmul, grouped_matmul_tiles_fit
 from eqx_models.layers.linear import Linear
 from eqx_models.layers.mlp import get_activation
 
@@ -106,10 +111,15 @@ def expert_mlp(
     """Each expert's gated MLP `wo(prod act_i(x @ wi[..., i, :]))` on its buffer, one batched einsum per
     projection."""
     h = jnp.einsum("xce,xeam->xcam", x, wi.astype(dtype))
+    return jnp.einsum("xcm,xme->xce", _gated(h, activations), wo.astype(dtype))
+
+
+def _gated(h: Float[Array, "*rows acts mlp"], activations: tuple[str, ...]) -> Float[Array, "*rows mlp"]:
+    """`prod_i act_i(h[..., i, :])`."""
     y = get_activation(activations[0])(h[..., 0, :])
     for i, name in enumerate(activations[1:], start=1):
         y = y * get_activation(name)(h[..., i, :])
-    return jnp.einsum("xcm,xme->xce", y, wo.astype(dtype))
+    return y
 
 
 def group_block_size(pairs: int, num_experts: int) -> int:
@@ -153,7 +163,7 @@ def _slots(ids: Int[Array, "tokens top_k"], valid: Bool[Array, " tokens"], num_e
     return jnp.where(valid[:, None], slot, -1)
 
 
-MOE_IMPLS = ("auto", "sorted", "grouped", "dense")
+MOE_IMPLS = ("auto", "sorted", "grouped", "grouped_pallas", "dense")
 
 
 class RoutedMoE(eqx.Module):
@@ -250,8 +260,8 @@ class RoutedMoE(eqx.Module):
         weights = jnp.where(kept, weights, 0.0).astype(self.dtype)
         if impl == "dense":
             y = self._dense(tokens, ids, slots, kept, weights, capacity, expert_fn)
-        elif impl == "grouped":
-            y = self._grouped(tokens, ids, kept, weights)
+        elif impl in ("grouped", "grouped_pallas"):
+            y = self._grouped(tokens, ids, kept, weights, pallas=impl == "grouped_pallas")
         elif impl == "auto":
             y = self._dropless(tokens, ids, slots, kept, weights)
         else:
@@ -298,7 +308,7 @@ class RoutedMoE(eqx.Module):
         fits = jnp.max(slots) < capacity  # every expert's load fits: nothing is dropped at this capacity
         return jax.lax.cond(fits, fast, grouped, tokens, weights)
 
-    def _grouped(self, tokens, ids, kept, weights):
+    def _grouped(self, tokens, ids, kept, weights, pallas=False):
         num_tokens, top_k = ids.shape
         experts, pairs = self.num_experts, ids.size
         block = group_block_size(pairs, experts)
@@ -320,8 +330,16 @@ class RoutedMoE(eqx.Module):
         # Blocks past the last expert's run hold only zero rows; they reuse the last expert's weights.
         block_expert = jnp.searchsorted(padded_end, jnp.arange(blocks) * block, side="right")
         block_expert = jnp.minimum(block_expert, experts - 1)
-        wi, wo = (_take_blocks(w.astype(self.dtype), block_expert, experts) for w in (self.wi, self.wo))
-        expert_out = expert_mlp(expert_in, wi, wo, self.activations, self.dtype).reshape(blocks * block, -1)
+        wi, wo = self.wi.astype(self.dtype), self.wo.astype(self.dtype)
+        _, embed, acts, mlp = wi.shape
+        tile = min(block, 128)
+        if pallas and grouped_matmul_tiles_fit(tile, embed, acts * mlp) and grouped_matmul_tiles_fit(tile, mlp, embed):
+            tile_expert = jnp.repeat(block_expert, block // tile).astype(jnp.int32)
+            h = grouped_matmul(expert_in.reshape(-1, embed), wi.reshape(experts, embed, -1), tile_expert, tile)
+            expert_out = grouped_matmul(_gated(h.reshape(-1, acts, mlp), self.activations), wo, tile_expert, tile)
+        else:
+            wi, wo = (_take_blocks(w, block_expert, experts) for w in (wi, wo))
+            expert_out = expert_mlp(expert_in, wi, wo, self.activations, self.dtype).reshape(blocks * block, -1)
         expert_out = jnp.concatenate([expert_out, jnp.zeros((1, expert_out.shape[1]), expert_out.dtype)])
         row_of_pair = jnp.zeros((pairs,), jnp.int32).at[order].set(row_of_sorted.astype(jnp.int32))
         gathered = expert_out[row_of_pair.reshape(num_tokens, top_k)]

@@ -12,7 +12,7 @@ import torch
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_next
 
 from eqx_models.layers import gated_delta as gd
-from tests.reference import assert_close
+from tests.reference import assert_close, primitive_names
 
 KEY_DIM, VALUE_DIM = 16, 8
 
@@ -266,21 +266,6 @@ def test_dispatch_runs_the_chosen_form(rng, impl):
     np.testing.assert_array_equal(np.asarray(s), np.asarray(s_ref))
 
 
-def _primitives(jaxpr) -> list[str]:
-    """Names of the primitives in `jaxpr` and its sub-jaxprs, not looking inside `pallas_call` kernels."""
-    names = []
-    for eqn in jaxpr.eqns:
-        names.append(eqn.primitive.name)
-        if eqn.primitive.name == "pallas_call":
-            continue
-        for param in eqn.params.values():
-            for sub in param if isinstance(param, (tuple, list)) else (param,):
-                sub = getattr(sub, "jaxpr", sub)
-                if hasattr(sub, "eqns"):
-                    names += _primitives(sub)
-    return names
-
-
 def test_chunk_pallas_runs_the_kernels_and_checks_gpu_tiles(rng, monkeypatch):
     """`pallas=True` computes the chunk scan (forward, and forward + backward under `jax.grad`) in `pallas_call`s
     and none of it in a `lax.scan`; on GPU, tiles Triton cannot take are a ValueError naming them."""
@@ -291,9 +276,9 @@ def test_chunk_pallas_runs_the_kernels_and_checks_gpu_tiles(rng, monkeypatch):
         return jnp.sum(o) + jnp.sum(s)
 
     for pallas, kernels, scans in ((True, 2, 0), (False, 0, 2)):
-        names = _primitives(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(q, pallas).jaxpr)
+        names = primitive_names(jax.make_jaxpr(jax.grad(loss), static_argnums=1)(q, pallas).jaxpr)
         assert (names.count("pallas_call"), names.count("scan")) == (kernels, scans), pallas
-    names = _primitives(jax.make_jaxpr(loss, static_argnums=1)(q, True).jaxpr)
+    names = primitive_names(jax.make_jaxpr(loss, static_argnums=1)(q, True).jaxpr)
     assert (names.count("pallas_call"), names.count("scan")) == (1, 0)
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

@@ -17,7 +17,7 @@ from eqx_models.layers.moe import RoutedMoE, RouterStats, load_balancing_loss, r
 from tests.reference import assert_close
 
 H, I, E, K = 32, 16, 8, 2
-IMPLS = ("auto", "sorted", "grouped", "dense")
+IMPLS = ("auto", "sorted", "grouped", "grouped_pallas", "dense")
 
 
 def _weights(rng, hidden=H, mlp=I, experts=E):
@@ -232,15 +232,15 @@ def test_token_mask_excludes_tokens_from_stats_and_capacity(rng, impl, capacity_
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_gradients_of_all_impls_agree(rng, capacity_factor):
-    """d(sum(y * c))/d(x, gate, wi, wo) of the auto, sorted and grouped paths agree with the dense path's to
-    1e-6 relative (per leaf)."""
+    """d(sum(y * c))/d(x, gate, wi, wo) of the auto, sorted and grouped paths (XLA and Pallas) agree with the
+    dense path's to 1e-6 relative (per leaf)."""
     w = _weights(rng)
     x = _x(rng, (2, 6, H))
     c = _x(rng, (2, 6, H))
     grads = {impl: _weighted_sum((_ours(w, impl=impl, capacity_factor=capacity_factor), x), c)[1]
              for impl in IMPLS}
     gd, gxd = grads["dense"]
-    for impl in ("auto", "sorted", "grouped"):
+    for impl in ("auto", "sorted", "grouped", "grouped_pallas"):
         gs, gxs = grads[impl]
         assert_close(gxs, gxd, 1e-6, f"dL/dx {impl} vs dense")
         for name in ("wi", "wo"):
@@ -250,8 +250,9 @@ def test_gradients_of_all_impls_agree(rng, capacity_factor):
         assert np.abs(np.asarray(gs.gate.kernel)).max() > 0, "the router gets a gradient through the weights"
 
 
+@pytest.mark.parametrize("impl", ["auto", "grouped_pallas"])
 @pytest.mark.parametrize("tokens,experts,top_k", [(600, 8, 2), (1, 16, 4), (300, 16, 4)])
-def test_grouped_path_many_blocks_and_empty_experts(rng, tokens, experts, top_k):
+def test_grouped_path_many_blocks_and_empty_experts(rng, tokens, experts, top_k, impl):
     """The grouped path at sizes where blocks are larger than 8 rows, experts span several blocks and a skewed
     router leaves some experts empty, and at a single token (a decode step): == float64 NumPy GShard, 1e-5."""
     w = _weights(rng, experts=experts)
@@ -260,8 +261,8 @@ def test_grouped_path_many_blocks_and_empty_experts(rng, tokens, experts, top_k)
     ref, st, _ = np_moe(w, x, top_k=top_k)
     if tokens > 1:
         assert (st["counts"] == 0).any() and st["counts"].max() > 64, st["counts"]
-    y, _ = _apply(_ours(w, top_k=top_k), x)
-    assert_close(y.reshape(ref.shape), ref, 1e-5, f"grouped MoE {tokens} tokens x {experts} experts top-{top_k}")
+    y, _ = _apply(_ours(w, top_k=top_k, impl=impl), x)
+    assert_close(y.reshape(ref.shape), ref, 1e-5, f"{impl} MoE {tokens} tokens x {experts} experts top-{top_k}")
 
 
 def test_auto_impl_and_expert_fn():
@@ -358,9 +359,11 @@ def test_grouped_bfloat16_matches_sorted(rng):
     x = _x(rng, (2, 40, H))
     c = _x(rng, (2, 40, H))
     results = {impl: _weighted_sum((_ours(w, impl=impl, dtype=jnp.bfloat16), x), c)
-               for impl in ("sorted", "grouped")}
-    (ls, (gs, _)), (lg, (gg, _)) = results["sorted"], results["grouped"]
-    assert_close(lg, ls, 2e-2, "bf16 loss grouped vs sorted")
-    for name in ("wi", "wo"):
-        assert getattr(gg, name).dtype == jnp.float32
-        assert_close(getattr(gg, name), getattr(gs, name), 2e-2, f"bf16 dL/d{name} grouped vs sorted")
+               for impl in ("sorted", "grouped", "grouped_pallas")}
+    ls, (gs, _) = results["sorted"]
+    for impl in ("grouped", "grouped_pallas"):
+        lg, (gg, _) = results[impl]
+        assert_close(lg, ls, 2e-2, f"bf16 loss {impl} vs sorted")
+        for name in ("wi", "wo"):
+            assert getattr(gg, name).dtype == jnp.float32
+            assert_close(getattr(gg, name), getattr(gs, name), 2e-2, f"bf16 dL/d{name} {impl} vs sorted")
