@@ -28,6 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Bool, Float
 
 from eqx_models.layers.norms import l2norm
+from eqx_models.layers.pallas_gpu import interpret, tiles_fit
 
 GatedDeltaImpl = Literal["auto", "recurrent", "naive_chunk", "chunk", "chunk_pallas"]
 GATED_DELTA_IMPLS = ("auto", "recurrent", "naive_chunk", "chunk", "chunk_pallas")
@@ -333,8 +334,7 @@ def _chunk_scan(pallas, q_in, intra, u, w, k_out, chunk_decay, state):
     gradient afterwards, batched over chunks, where `jax.grad` of the scan would do all of it per step.
     """
     if pallas:
-        o, final = _pallas_chunk_scan(q_in, intra, u, w, k_out, chunk_decay, state, keep_states=False)
-        return o, final
+        return _pallas_chunk_scan(q_in, intra, u, w, k_out, chunk_decay, state, keep_states=False)
 
     def step(state, x):
         q_in, intra, u, w, k_out, decay = x
@@ -390,7 +390,7 @@ def _check_pallas_tiles(chunk_size: int, key_dim: int, value_dim: int) -> None:
     if value_dim % block:
         raise ValueError(f"chunk_pallas needs value_dim ({value_dim}) to be a multiple of {block}")
     tiles = {"chunk_size": chunk_size, "key_dim": key_dim, "value block": block}
-    if jax.default_backend() == "gpu" and any(n < 16 or n & (n - 1) for n in tiles.values()):
+    if not tiles_fit(*tiles.values()):
         raise ValueError(f"chunk_pallas on GPU needs tiles that are powers of two >= 16 (Triton), got {tiles}")
 
 
@@ -418,7 +418,7 @@ def _pallas_call(kernel, chunk_decay: Array, value_dim: int, ins, outs, name: st
         out_specs=[spec(*x) for x in outs],
         out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for shape, _ in outs],
         compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-        interpret=jax.default_backend() != "gpu",
+        interpret=interpret(),
         name=name,
     )
 

@@ -3,7 +3,7 @@
 
 The XLA form (`moe._take_blocks` + a batched einsum) copies every block's expert weights first; these kernels read
 `w[expert]` tile by tile instead, and the weight gradient sums each expert's tiles in float32 inside the kernel.
-Off GPU they run in Pallas's interpreter (slow; for tests).
+Off GPU they run in Pallas's interpreter.
 """
 
 import functools
@@ -13,6 +13,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 from jaxtyping import Array, Float, Int
+
+from eqx_models.layers.pallas_gpu import interpret, tiles_fit
 
 _BLOCK_K, _BLOCK_N = 64, 128  # untuned: the common Triton GEMM tiles
 
@@ -26,10 +28,8 @@ def _tile(dim: int, largest: int) -> int:
 
 
 def grouped_matmul_tiles_fit(tile_rows: int, k: int, n: int) -> bool:
-    """Whether Triton can take these tiles on GPU (powers of two >= 16); the interpreter takes any."""
-    if jax.default_backend() != "gpu":
-        return True
-    return all(t >= 16 and not t & (t - 1) for t in (tile_rows, _tile(k, _BLOCK_K), _tile(n, _BLOCK_N)))
+    """Whether `grouped_matmul` of `[rows, k] @ [experts, k, n]` in tiles of `tile_rows` can run here."""
+    return tiles_fit(tile_rows, _tile(k, _BLOCK_K), _tile(n, _BLOCK_N))
 
 
 def _call(kernel, grid, out_shape, name):
@@ -38,7 +38,7 @@ def _call(kernel, grid, out_shape, name):
         grid=grid,
         out_shape=out_shape,
         compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=3),
-        interpret=jax.default_backend() != "gpu",
+        interpret=interpret(),
         name=name,
     )
 
