@@ -99,6 +99,8 @@ def grouped_matmul(
 ) -> Float[Array, "rows n"]:
     """`x[rows of tile t] @ w[tile_expert[t]]` for tiles of `tile_rows` rows (`rows = tiles * tile_rows`),
     `tile_expert` sorted; result in `x.dtype`. Differentiable in `x` and `w`."""
+    if w.ndim != 3 or x.ndim != 2 or w.shape[1] != x.shape[1]:
+        raise ValueError(f"grouped_matmul needs x [rows, k] and w [experts, k, n], got x {x.shape}, w {w.shape}")
     if x.shape[0] != tile_expert.shape[0] * tile_rows:
         raise ValueError(
             f"grouped_matmul needs rows = tiles * tile_rows, got {x.shape[0]} rows, {tile_expert.shape[0]} tiles "

@@ -165,6 +165,7 @@ def test_matches_hf(rng, l2, key_heads, heads):
         ("recurrent", 64, hf_rec, "torch_recurrent"),
         ("naive_chunk", 64, hf_chunk, "torch_chunk"),
         ("chunk", 64, hf_chunk, "torch_chunk"),
+        ("chunk_pallas", 64, hf_chunk, "torch_chunk"),
     ]:
         o, s = _form(name, chunk_size, use_qk_l2norm=l2, initial_state=jnp.asarray(s0))(q, k, v, g, beta)
         what = f"{name} C={chunk_size} vs HF {ref_name} (Hk={key_heads}, H={heads}, l2={l2})"

@@ -43,9 +43,12 @@ def test_matches_float64_with_empty_experts(rng, dtype, tol):
     assert not np.asarray(dw, np.float32)[[0, 2, 5]].any()
 
 
-def test_rows_must_be_whole_tiles():
+def test_bad_shapes_raise():
+    raw = getattr(grouped_matmul.fun, "__wrapped__", grouped_matmul.fun)  # past the jaxtyping hook of the test run
     with pytest.raises(ValueError, match=r"rows = tiles \* tile_rows, got 20 rows, 3 tiles of 8"):
         grouped_matmul(jnp.ones((20, 16)), jnp.ones((2, 16, 16)), jnp.zeros(3, jnp.int32), 8)
+    with pytest.raises(ValueError, match=r"x \[rows, k\] and w \[experts, k, n\], got x \(24, 16\), w \(2, 8, 16\)"):
+        raw(jnp.ones((24, 16)), jnp.ones((2, 8, 16)), jnp.zeros(3, jnp.int32), 8)
 
 
 def test_lowers_to_triton_for_gpu(monkeypatch):
