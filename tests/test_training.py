@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eqx_models as em
+from eqx_models.models.transformer import roll_and_mask_by_segment
 from eqx_models.training import (
     chunked_cross_entropy,
     lm_loss,
@@ -289,6 +290,25 @@ def test_mtp_loss():
     assert_close(metrics["mtp_loss"], expected, 1e-6, "mtp_loss vs naive")
     assert mtp_cfg.mtp_loss_scaling_factor == 0.1
     assert_close(loss, metrics["cross_entropy"] + 0.1 * metrics["mtp_loss"], 1e-6, "loss = ce + 0.1 * mtp")
+
+
+def test_mtp_depths_run_at_the_main_positions():
+    """Depth k = final_norm(layer_k(W_k [norm(e(ids rolled k times)); norm(h_(k-1))])) at the main sequence's
+    positions (as MaxText), rebuilt from the model's parts; positions with a gap, where shifted ones would differ."""
+    model = _random_model(em.Qwen3Config(**TINY, mtp_num_layers=2), seed=5)
+    t = model.transformer
+    batch = _batch()
+    ids, seg = batch["input_ids"], batch["segment_ids"]
+    positions = jnp.broadcast_to(jnp.where(jnp.arange(ids.shape[1]) >= 7, 40, 0) + jnp.arange(ids.shape[1]), ids.shape)
+    out = jax.jit(lambda t: t.forward(ids, positions, seg, inference=False))(t)
+    hidden = eqx.tree_at(lambda m: m.norm, t, eqx.nn.Identity()).forward(ids, positions, seg, inference=True).hidden
+    m, rolled, valid = t.mtp, ids, seg > 0
+    for depth in range(2):
+        rolled, valid = roll_and_mask_by_segment(rolled, valid, seg)
+        combined = jnp.concatenate([m.embedding_norms[depth](t.embed(rolled)), m.hidden_norms[depth](hidden)], -1)
+        hidden, _, _ = m.layers[depth](m.projections[depth](combined), positions=positions, segment_ids=seg,
+                                       cache=None, key=None, inference=True)
+        assert_close(out.mtp_hidden[depth], t.norm(hidden), 1e-5, f"MTP depth {depth + 1}")
 
 
 # ----------------------------------------------------------------------------------------- train step

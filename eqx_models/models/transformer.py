@@ -106,7 +106,9 @@ def roll_and_mask_by_segment(
 class MultiTokenPrediction(eqx.Module):
     """MaxText / DeepSeek-V3 multi-token prediction: depth `k` combines the embedding of token `t + k` with the
     previous depth's hidden state at `t`, `h_k = layer_k(W_k [norm(e_(t+k)); norm(h_(k-1))])`, and is read out
-    by the shared final norm and head to predict token `t + k + 1`. Training-only: logits are unchanged."""
+    by the shared final norm and head to predict token `t + k + 1`. Each depth's layer runs at the positions of
+    `t` (MaxText shifts positions only for a positional embedding, which these models lack). Training-only:
+    logits are unchanged."""
 
     embedding_norms: tuple[RMSNorm, ...]
     hidden_norms: tuple[RMSNorm, ...]
@@ -132,7 +134,6 @@ class MultiTokenPrediction(eqx.Module):
             self.embedding_norms, self.hidden_norms, self.projections, self.layers, keys
         ):
             ids, valid = roll_and_mask_by_segment(ids, valid, segment_ids)
-            positions = jnp.concatenate([positions[:, 1:], positions[:, -1:] + 1], axis=1)
             combined = jnp.concatenate([emb_norm(embed(ids)), hid_norm(hidden)], axis=-1)
             hidden, _, _ = layer(projection(combined), positions=positions, segment_ids=segment_ids, cache=None,
                                  key=layer_key, inference=inference)
