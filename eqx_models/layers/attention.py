@@ -203,7 +203,8 @@ def merge_attention(
     outputs: list[Float[Array, "batch q heads head_dim"]],
     stats: list[tuple[Float[Array, "batch q heads"], Float[Array, "batch q heads"]]],
 ) -> tuple[Float[Array, "batch q heads head_dim"], tuple[Float[Array, "batch q heads"], Float[Array, "batch q heads"]]]:
-    """Combines attentions over disjoint key sets (flash-decoding style) from their `(max, sum)` statistics."""
+    """Combines attentions over disjoint key sets (flash-decoding style) from their `(max, sum)` statistics.
+    Attention sinks are one more logit per row: give `sinks` to one of the partial attentions only."""
     global_max = stats[0][0]
     for row_max, _ in stats[1:]:
         global_max = jnp.maximum(global_max, row_max)
@@ -458,8 +459,10 @@ class Attention(eqx.Module):
             segment_ids = jnp.ones((batch, seq), jnp.int32)
         if positions is None:
             positions = jnp.broadcast_to(start + jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-        if positions.shape[:2] != (batch, seq):
-            raise ValueError(f"positions {positions.shape} do not match input (batch, seq) = {(batch, seq)}")
+        for name, value in (("positions", positions), ("segment_ids", segment_ids),
+                            ("bidirectional_mask", bidirectional_mask)):
+            if value is not None and value.shape[:2] != (batch, seq):
+                raise ValueError(f"{name} {value.shape} do not match input (batch, seq) = {(batch, seq)}")
         if cache is not None and cache.key.shape[2:] != (self.num_kv_heads, self.head_dim):
             raise ValueError(
                 f"cache holds (kv_heads, head_dim) = {cache.key.shape[2:]}, layer has "

@@ -540,10 +540,11 @@ def test_single_query_form_equals_the_matmul_form(rng, dtype):
 # merge_attention
 
 
+@pytest.mark.parametrize("with_sinks", [False, True], ids=["no_sinks", "sinks"])
 @pytest.mark.parametrize("masked", [False, True], ids=["all_keys", "masked_keys"])
-def test_merge_attention_over_key_halves(rng, masked):
+def test_merge_attention_over_key_halves(rng, masked, with_sinks):
     """Attention over two disjoint key halves merged by their (max, sum) == attention over all keys. With masking
-    (causal + random holes), early queries see no key of the second half."""
+    (causal + random holes), early queries see no key of the second half. Sinks go to the first half only."""
     batch, q_len, kv_len = 2, 8, 12
     q = _x(rng, (batch, q_len, 4, 16))
     k, v = _x(rng, (batch, kv_len, 2, 16)), _x(rng, (batch, kv_len, 2, 16))
@@ -553,8 +554,10 @@ def test_merge_attention_over_key_halves(rng, masked):
     else:
         mask = np.ones((batch, q_len, kv_len), bool)
     mask = jnp.asarray(mask)
-    full, (full_max, full_sum) = _dpa(q, k, v, mask, scale=0.25)
-    halves = [_dpa(q, k[:, s], v[:, s], mask[:, :, s], scale=0.25) for s in (slice(0, 6), slice(6, None))]
+    sinks = jnp.asarray(rng.standard_normal(4), jnp.float32) if with_sinks else None
+    full, (full_max, full_sum) = _dpa(q, k, v, mask, scale=0.25, sinks=sinks)
+    halves = [_dpa(q, k[:, s], v[:, s], mask[:, :, s], scale=0.25, sinks=sinks if s.start == 0 else None)
+              for s in (slice(0, 6), slice(6, None))]
     merged, (merged_max, merged_sum) = eqx.filter_jit(merge_attention)([o for o, _ in halves], [s for _, s in halves])
     assert_close(merged, full, 1e-6, f"merged halves masked={masked}")
     assert_close(merged_max, full_max, 1e-6, "merged row max")
@@ -698,8 +701,8 @@ def test_bad_construction_raises(getkey):
 
 
 def test_positions_shape_mismatch_raises(getkey):
-    """Positions not (batch, seq): named by the shape checker at the call; the undecorated method's ValueError
-    names both shapes."""
+    """Positions, segment ids or a bidirectional mask not (batch, seq): named by the shape checker at the call;
+    the undecorated method's ValueError (what users without the hook see) names the argument and both shapes."""
     layer = _layer(getkey)
     x, bad = jnp.ones((2, 4, E)), jnp.zeros((2, 5), jnp.int32)
     with pytest.raises(jaxtyping.TypeCheckError, match="positions"):
@@ -707,6 +710,10 @@ def test_positions_shape_mismatch_raises(getkey):
     raw = getattr(Attention.__call__, "__wrapped__", Attention.__call__)
     with pytest.raises(ValueError, match=r"positions \(2, 5\) do not match input \(batch, seq\) = \(2, 4\)"):
         raw(layer, x, bad)
+    with pytest.raises(ValueError, match=r"segment_ids \(2, 5\) do not match input"):
+        raw(layer, x, segment_ids=bad)
+    with pytest.raises(ValueError, match=r"bidirectional_mask \(2, 5\) do not match input"):
+        raw(layer, x, bidirectional_mask=bad.astype(bool))
 
 
 def test_cache_overflow_raises_eagerly_and_under_jit(getkey, rng):
