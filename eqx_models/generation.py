@@ -14,8 +14,10 @@ and the position each row continues from.
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from eqx_models.layers.embeddings import check_token_ids
 from eqx_models.models.transformer import PromptInputs
 
 
@@ -44,21 +46,28 @@ def sample_token(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
 def _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab_size):
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integer [batch, prompt], got {input_ids.dtype}{list(input_ids.shape)}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}")
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+    if not _is_int(max_new_tokens) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key")
-    if top_k is not None and not 0 < top_k <= vocab_size:
-        raise ValueError(f"top_k must be in [1, {vocab_size}], got {top_k}")
+    if top_k is not None and not (_is_int(top_k) and 0 < top_k <= vocab_size):
+        raise ValueError(f"top_k must be an int in [1, {vocab_size}], got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if not isinstance(input_ids, jax.core.Tracer):
+        real = attention_mask is None or isinstance(attention_mask, jax.core.Tracer) or np.asarray(attention_mask) != 0
+        check_token_ids(np.asarray(input_ids)[real], vocab_size)
 
 
 def generate(
@@ -78,7 +87,8 @@ def generate(
     """`[batch, prompt + max_new_tokens]`: the prompts followed by generated tokens.
 
     Greedy when `temperature == 0`. After a row emits one of `eos_token_id` it keeps emitting that token (the
-    loop stops early once every row has). `attention_mask` marks real prompt tokens (left padding = 0).
+    loop stops early once every row has). `attention_mask` marks real prompt tokens (left padding = 0; padded
+    slots may hold any id, e.g. -1); real tokens outside the vocabulary raise when the ids are concrete.
     `inputs` are a model's extra prompt inputs: for the Omni thinker its multimodal ones under HF's names
     (`pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, `video_second_per_grid`,
     `input_features`, `feature_attention_mask`, `use_audio_in_video`; see its `prompt_inputs`).
@@ -94,6 +104,7 @@ def generate(
             f"Qwen3-Omni thinker); {type(model).__name__} has none"
         )
     vocab = model.transformer.embed.num_embeddings
+    input_ids = jnp.asarray(input_ids)
     _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab)
     prompt = None
     if hasattr(model, "prompt_inputs"):
@@ -108,7 +119,7 @@ def generate(
     if unroll_layers:
         model = eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())
     return _generate(model, input_ids.astype(jnp.int32), jnp.asarray(attention_mask, jnp.int32), prompt, key,
-                     max_new_tokens, float(temperature), top_k, top_p, eos)
+                     int(max_new_tokens), float(temperature), None if top_k is None else int(top_k), top_p, eos)
 
 
 @eqx.filter_jit
@@ -119,7 +130,8 @@ def _generate(model, input_ids, attention_mask, prompt, key, max_new_tokens, tem
         prompt = PromptInputs(None, None, positions, positions[:, -1] + 1)
     decoder = model.transformer
     cache = model.init_cache(batch, prompt_len + max_new_tokens)
-    out = decoder.forward(input_ids, prompt.positions, attention_mask, cache=cache,
+    prompt_ids = jnp.where(attention_mask != 0, input_ids, 0)  # any id may pad: none reaches the embedding
+    out = decoder.forward(prompt_ids, prompt.positions, attention_mask, cache=cache,
                           inputs_embeds=prompt.inputs_embeds, layer_residuals=prompt.layer_residuals)
     keys = jax.random.split(key, max_new_tokens)
     sample = lambda logits, k: sample_token(logits, k, temperature=temperature, top_k=top_k, top_p=top_p)  # noqa: E731

@@ -401,20 +401,38 @@ def _unchecked(fn):
         (dict(max_new_tokens=-3), "max_new_tokens must be a positive int"),
         (dict(temperature=-0.5, key=jax.random.key(0)), "temperature must be >= 0"),
         (dict(temperature=0.7), "needs a PRNG key"),
-        (dict(top_k=0), "top_k must be in"),
-        (dict(top_k=65), "top_k must be in"),
+        (dict(top_k=0), "top_k must be an int in"),
+        (dict(top_k=65), "top_k must be an int in"),
+        (dict(top_k=2.0), "top_k must be an int in"),
+        (dict(max_new_tokens=True), "max_new_tokens must be a positive int"),
+        (dict(input_ids=jnp.full((2, 5), 64, jnp.int32)), r"token ids must lie in \[0, 64\), got range \[64, 64\]"),
+        (dict(input_ids=jnp.full((2, 5), -1, jnp.int32), attention_mask=jnp.asarray([[0, 1, 1, 1, 1]] * 2)),
+         "token ids must lie in"),
         (dict(top_p=1.5), "top_p must be in"),
         (dict(top_p=0.0), "top_p must be in"),
         (dict(attention_mask=jnp.ones((2, 4), jnp.int32)), "attention_mask .* must match input_ids"),
     ],
     ids=["float-ids", "1d-ids", "max-new-0", "max-new-neg", "neg-temperature", "no-key", "top-k-0",
-         "top-k-too-big", "top-p-1.5", "top-p-0", "mask-shape"],
+         "top-k-too-big", "top-k-float", "max-new-bool", "id-past-vocab", "negative-real-id", "top-p-1.5", "top-p-0",
+         "mask-shape"],
 )
 def test_bad_input_raises(tiny, kwargs, message):
     """Invalid arguments raise ValueError naming the problem, before anything is traced."""
     args = dict(input_ids=jnp.zeros((2, 5), jnp.int32), max_new_tokens=3) | kwargs
     with pytest.raises(ValueError, match=message):
         _unchecked(generate)(tiny, **args)
+
+
+def test_padding_slots_may_hold_any_id(tiny):
+    """Ids under attention_mask 0 never reach the embedding: -1 padding decodes as 0 padding does (a NaN
+    embedding row would otherwise spread through attention); NumPy integer counts and lists are taken."""
+    ids = np.asarray([[0, 0, 5, 9, 3], [7, 1, 5, 9, 3]], np.int32)
+    mask = np.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32)
+    expected = generate(tiny, jnp.asarray(ids), 4, attention_mask=jnp.asarray(mask))
+    padded = np.where(mask == 1, ids, -1)
+    out = _unchecked(generate)(tiny, padded.tolist(), np.int64(4), attention_mask=mask, top_k=np.int64(1))
+    np.testing.assert_array_equal(np.asarray(out)[:, 5:], np.asarray(expected)[:, 5:])
+    np.testing.assert_array_equal(np.asarray(out)[:, :5], padded)
 
 
 def test_bad_input_raises_under_the_type_hook(tiny):

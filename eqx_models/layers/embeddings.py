@@ -23,6 +23,17 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, Real, Shaped
 # Layout helpers and the shared rotation
 
 
+def check_token_ids(ids: Shaped[Array, "..."] | np.ndarray, num_embeddings: int) -> None:
+    """Concrete ids outside `[0, num_embeddings)` raise; traced ones cannot be checked (`Embed` gives them NaN
+    rows). Read on the host, so a concrete array closed over by a jitted function is checked too."""
+    if isinstance(ids, jax.core.Tracer) or not ids.size:
+        return
+    host = np.asarray(ids)
+    low, high = int(host.min()), int(host.max())
+    if low < 0 or high >= num_embeddings:
+        raise ValueError(f"token ids must lie in [0, {num_embeddings}), got range [{low}, {high}]")
+
+
 def rotate_half(x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
     """`[x1, x2] -> [-x2, x1]` (half-split layout)."""
     x1, x2 = jnp.split(x, 2, axis=-1)
@@ -187,11 +198,7 @@ class Embed(eqx.Module):
         """Integer ids of any shape -> `[..., embed]` in `dtype`."""
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"Embed expects integer token ids, got dtype {ids.dtype}")
-        if not isinstance(ids, jax.core.Tracer) and ids.size:
-            host = np.asarray(ids)  # on the host: a concrete array closed over by a jitted function still works
-            low, high = int(host.min()), int(host.max())
-            if low < 0 or high >= self.num_embeddings:
-                raise ValueError(f"token ids must lie in [0, {self.num_embeddings}), got range [{low}, {high}]")
+        check_token_ids(ids, self.num_embeddings)
         table = self.embedding.astype(self.dtype)
         if self.use_iota_embed:
             one_hot = (ids[..., None] == jnp.arange(self.num_embeddings, dtype=ids.dtype)).astype(self.dtype)
