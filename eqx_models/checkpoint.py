@@ -12,8 +12,10 @@ corresponding `like` leaf. Each step is one orbax checkpoint directory `<directo
 `<step>.orbax-checkpoint-tmp` and renamed once complete, so a crash mid-save leaves the previous steps intact.
 """
 
+import gc
 import json
 import os
+import sys
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -145,6 +147,30 @@ def _rebuild(like, restored: dict):
     return eqx.combine(jtu.tree_unflatten(jtu.tree_structure(dynamic), leaves), static)
 
 
+def _root_cause(error: BaseException) -> str:
+    """The first line of the innermost exception behind `error` (orbax wraps tensorstore's in pages of spec)."""
+    while error.__cause__ or error.__context__:
+        error = error.__cause__ or error.__context__
+    return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
+
+
+def _quiet_orbax_readers() -> None:
+    """Drop the reports of orbax's reader coroutines that a failed restore leaves suspended: orbax turns their
+    closing (GeneratorExit) into a new exception, which Python prints pages long as "Exception ignored" whenever
+    they are collected. Other unraisable exceptions still reach the previous hook."""
+    previous = sys.unraisablehook
+    if getattr(previous, "quiets_orbax_readers", False):
+        return
+
+    def hook(unraisable) -> None:
+        if getattr(unraisable.object, "__qualname__", None) != "_read_array_index_and_device_put":
+            previous(unraisable)
+
+    hook.quiets_orbax_readers = True
+    sys.unraisablehook = hook
+    gc.collect()
+
+
 def _storable(leaves: dict) -> dict:
     return {
         path: (parts, jax.random.key_data(leaf) if _is_prng_key(leaf) else leaf)
@@ -159,7 +185,9 @@ class Checkpointer:
     **Arguments:**
 
     - `directory`: one subdirectory per step is written here (created on the first save).
-    - `max_to_keep`: keep only the newest this many steps (None keeps all).
+    - `max_to_keep`: keep only this many steps, the highest-numbered (None keeps all). Lower ones are deleted
+      once a save is complete (an asynchronous one: at the next `wait`, `save` or `close`); saving a step that
+      would not be among them is an error.
     - `async_save`: `save` returns once the arrays are copied to host and writes in the background;
       `wait()` blocks until the write is durable. A new save, `restore` and `close` wait for the previous one.
 
@@ -173,9 +201,9 @@ class Checkpointer:
         if max_to_keep is not None and max_to_keep < 1:
             raise ValueError(f"max_to_keep must be None or >= 1, got {max_to_keep}")
         self.directory = os.path.abspath(os.fspath(directory))
-        self._options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, enable_async_checkpointing=async_save
-        )
+        self.max_to_keep = max_to_keep
+        # retention is ours: orbax's max_to_keep drops the oldest saves, not the lowest steps
+        self._options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save)
         self._manager: ocp.CheckpointManager | None = None
         self._in_flight: int | None = None
         if os.path.isdir(self.directory):
@@ -247,14 +275,28 @@ class Checkpointer:
             raise ValueError(f"step {step} already exists in {self.directory}")
         if steps and step < max(steps) and not force:
             raise ValueError(f"step {step} is below the latest step {max(steps)}; force=True saves it")
+        if self.max_to_keep is not None and step not in sorted([*steps, step])[-self.max_to_keep:]:
+            kept = sorted(steps)[-self.max_to_keep:]
+            raise ValueError(f"step {step} would be deleted at once: max_to_keep={self.max_to_keep} keeps the "
+                             f"highest steps {kept}")
+        self.wait()
         if not manager.save(step, args=ocp.args.Composite(**items), force=True):
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
         self._in_flight = step
+        if not self._options.enable_async_checkpointing:
+            self._prune()
+
+    def _prune(self) -> None:
+        """Delete all but the `max_to_keep` highest saved steps (none is being written when this runs)."""
+        if self.max_to_keep is not None and self._manager is not None:
+            for step in sorted(self._manager.all_steps())[:-self.max_to_keep]:
+                self._manager.delete(step)
 
     def wait(self) -> None:
         """Block until an asynchronous save is finished and durable."""
         if self._manager is not None:
             self._manager.wait_until_finished()
+            self._prune()
 
     def latest_step(self) -> int | None:
         steps = self.all_steps()
@@ -321,7 +363,16 @@ class Checkpointer:
             dtype = np.dtype(np.uint32) if "prng_impl" in saved_key else np.dtype(saved_key["dtype"])
             target = jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=_default_sharding())
             items["key"] = ocp.args.StandardRestore({"data": target})
-        restored = manager.restore(step, args=ocp.args.Composite(**items))
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**items))
+        except Exception as error:  # a damaged step surfaces as whatever tensorstore or orbax raises
+            reason, restored = _root_cause(error), None
+        if restored is None:
+            _quiet_orbax_readers()
+            others = [s for s in steps if s != step]
+            way_out = f"delete it to fall back to step {others[-1]}" if others else "no other step to fall back to"
+            raise ValueError(f"step {step} in {os.path.join(self.directory, str(step))} cannot be read "
+                             f"({reason}); {way_out}")
 
         model = _rebuild(like_model, restored.model)
         opt_state = None
@@ -337,6 +388,7 @@ class Checkpointer:
     def close(self) -> None:
         """Wait for a pending save and release orbax's resources."""
         if self._manager is not None:
+            self.wait()
             self._manager.close()
             self._manager = None
 

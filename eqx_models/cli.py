@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 import eqx_models
-from eqx_models.hf import MODELS
+from eqx_models.hf import CONFIG_FILE, MODELS, read_json
 
 CAUSAL_LMS = ("qwen3", "qwen3_moe", "qwen3_next")
 TINY = dict(
@@ -44,10 +44,7 @@ def _load_config(model: str):
     path = Path(model)
     if not path.is_file():
         raise CLIError(f"--model must be 'tiny' or a config JSON file; {model} does not exist")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise CLIError(f"{path} is not valid JSON: {e}") from None
+    data = read_json(path)
     try:
         return _config_class(data.get("model_type", "qwen3")).from_hf_dict(data)
     except (TypeError, ValueError, KeyError) as e:
@@ -71,14 +68,47 @@ def _save_run_config(out: Path, cfg) -> None:
 
 
 def _read_run_config(checkpoint: Path):
+    """The config a run directory was saved with (any model `convert` writes, not only causal LMs)."""
+    if not checkpoint.is_dir():
+        raise CLIError(f"checkpoint directory {checkpoint} does not exist")
     file = checkpoint / RUN_CONFIG
     if not file.exists():
         raise CLIError(f"{checkpoint} is not an eqx-models checkpoint directory (no {RUN_CONFIG})")
-    data = json.loads(file.read_text())
-    cls = _config_class(data.pop("model_type"))
-    if data.get("rope_scaling") is not None:
-        data["rope_scaling"] = dict(data["rope_scaling"])
-    return cls(**data)
+    data = read_json(file)
+    model_type = data.pop("model_type", None)
+    if model_type not in MODELS:
+        raise CLIError(f"{file}: model_type {model_type!r} is not supported; supported: {sorted(MODELS)}")
+    try:
+        return _config_from_fields(MODELS[model_type][0], data)
+    except (TypeError, ValueError) as e:
+        raise CLIError(f"{file} is not a usable config: {e}") from None
+
+
+def _config_from_fields(cls, data: dict):
+    """`cls` from what `dataclasses.asdict` gave for it, nested configs (the Omni thinker's) included."""
+    kinds = {field.name: field.type for field in dataclasses.fields(cls)}
+    return cls(**{name: _config_from_fields(kinds[name], value) if dataclasses.is_dataclass(kinds.get(name))
+                  else value for name, value in data.items()})
+
+
+def _differing_fields(given, saved) -> list[str]:
+    if type(given) is not type(saved):
+        return ["model_type"]
+    return [f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(saved, f.name)]
+
+
+def _train_config(args: argparse.Namespace, out: Path):
+    """`--model`, except that a resumed run keeps its saved config (an explicit `--model` must match it)."""
+    saved = _read_run_config(out) if args.resume and (out / RUN_CONFIG).exists() else None
+    if saved is None:
+        return _load_config(args.model or "tiny")
+    _config_class(saved.model_type)
+    if args.model is not None:
+        differing = _differing_fields(_load_config(args.model), saved)
+        if differing:
+            raise CLIError(f"--model {args.model} differs from the config of the run being resumed "
+                           f"({out / RUN_CONFIG}) in {', '.join(differing)}; leave out --model to resume with it")
+    return saved
 
 
 def _plot_losses(losses: list[float], path: Path) -> None:
@@ -108,9 +138,14 @@ def cmd_train(args: argparse.Namespace) -> None:
     from eqx_models.checkpoint import Checkpointer
     from eqx_models.training import make_optimizer, make_train_step
 
-    cfg = _load_config(args.model)
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--out {out} exists and is not a directory")
+    cfg = _train_config(args, out)
     if args.data:
         path = Path(args.data)
+        if path.is_dir():
+            raise CLIError(f"--data {path} is a directory; give a UTF-8 text file")
         if not path.is_file():
             raise CLIError(f"--data {path} does not exist")
         text = path.read_text(encoding="utf-8", errors="replace")
@@ -122,7 +157,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     if cfg.vocab_size < 256:
         raise CLIError(f"byte-level training needs vocab_size >= 256, the config has {cfg.vocab_size}")
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     key = jax.random.key(args.seed)
     model_key, key = jax.random.split(key)
@@ -180,15 +214,12 @@ def _generate_text(model, prompt: str, max_new_tokens: int, temperature: float, 
     return decode(out[0, len(ids):])
 
 
-def _restore_model(checkpoint: Path):
+def _restore_model(checkpoint: Path, cfg):
     import equinox as eqx
     import jax
 
     from eqx_models.checkpoint import Checkpointer
 
-    if not checkpoint.is_dir():
-        raise CLIError(f"checkpoint directory {checkpoint} does not exist")
-    cfg = _read_run_config(checkpoint)
     like = eqx.filter_eval_shape(_model_class(cfg), cfg, key=jax.random.key(0))
     with Checkpointer(checkpoint / "checkpoints") as checkpointer:
         if checkpointer.latest_step() is None:
@@ -197,7 +228,12 @@ def _restore_model(checkpoint: Path):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
-    model = _restore_model(Path(args.checkpoint))
+    checkpoint = Path(args.checkpoint)
+    cfg = _read_run_config(checkpoint)
+    if cfg.model_type not in CAUSAL_LMS:
+        raise CLIError(f"{checkpoint} holds a {cfg.model_type} model; generate samples text from "
+                       f"{', '.join(CAUSAL_LMS)} models only (convert it to HF to use it)")
+    model = _restore_model(checkpoint, cfg)
     print(args.prompt + _generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.seed))
 
 
@@ -205,7 +241,11 @@ def cmd_convert(args: argparse.Namespace) -> None:
     from eqx_models.checkpoint import Checkpointer
 
     source, dest = Path(args.source), Path(args.dest)
-    if (source / "config.json").exists():
+    if source.resolve().is_relative_to(dest.resolve()) or dest.resolve().is_relative_to(source.resolve()):
+        raise CLIError(f"DEST {dest} must not be SOURCE {source}, contain it or lie inside it")
+    if (source / CONFIG_FILE).exists():
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise CLIError(f"{dest} already exists and is not empty; convert into a new run directory")
         model = eqx_models.from_pretrained(source)
         dest.mkdir(parents=True, exist_ok=True)
         _save_run_config(dest, model.config)
@@ -213,7 +253,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
             checkpointer.save(0, model, force=True)
         print(f"converted HF checkpoint {source} -> eqx-models checkpoint {dest}")
     elif (source / RUN_CONFIG).exists():
-        eqx_models.save_pretrained(_restore_model(source), dest)
+        eqx_models.save_pretrained(_restore_model(source, _read_run_config(source)), dest)
         print(f"converted eqx-models checkpoint {source} -> HF checkpoint {dest}")
     else:
         raise CLIError(f"{source} is neither an HF checkpoint (config.json) nor an eqx-models one ({RUN_CONFIG})")
@@ -264,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a tiny Qwen3 on bundled text (byte-level), then sample from it")
     train.add_argument("--steps", type=int, default=300)
     train.add_argument("--out", default="runs/tiny", help="run directory (checkpoints, loss.png)")
-    train.add_argument("--model", default="tiny", help="'tiny' or a Qwen3 / Qwen3-MoE config.json")
+    train.add_argument("--model", default=None, help="'tiny' (the default) or a Qwen3 / Qwen3-MoE / Qwen3-Next "
+                       "config.json; with --resume, the run's saved config unless given")
     train.add_argument("--data", default=None, help="a UTF-8 text file (default: the bundled corpus)")
     train.add_argument("--batch-size", type=int, default=16)
     train.add_argument("--seq-len", type=int, default=128)

@@ -7,6 +7,9 @@ on the Hub; `to_hf_dict` writes what transformers 5 writes. Fields that are ours
 
 import dataclasses
 import json
+import numbers
+import types
+import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -32,6 +35,29 @@ def _check_runtime(cfg: Any) -> None:
     for name in ("dtype", "param_dtype"):
         if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(cfg, name)!r}")
+
+
+def _is_a(value: Any, kind: type) -> bool:
+    """`isinstance` for config fields: an int is also a float, a bool is neither."""
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
+def _check_types(cfg: Any) -> None:
+    """Every field annotated with plain types (`int`, `float | None`, `bool`, `str`) holds one of them, so a
+    wrongly typed value from a JSON file is named here rather than failing later in a comparison."""
+    for field in dataclasses.fields(cfg):
+        union = typing.get_origin(field.type) in (typing.Union, types.UnionType)
+        kinds = typing.get_args(field.type) if union else (field.type,)
+        if not all(kind in (bool, int, float, str, type(None)) for kind in kinds):
+            continue
+        value = getattr(cfg, field.name)
+        if not any(_is_a(value, kind) for kind in kinds):
+            expected = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
+            raise ValueError(f"{type(cfg).__name__}.{field.name} must be {expected}, got {value!r}")
 
 
 def _positive(cfg: Any, *names: str) -> None:
@@ -77,6 +103,7 @@ class Qwen3Config:
     mtp_loss_scaling_factor: float = 0.1
 
     def __post_init__(self):
+        _check_types(self)
         _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -94,6 +121,9 @@ class Qwen3Config:
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {rope_type!r} is not supported; choose one of {ROPE_TYPES}")
+            factor = self.rope_scaling.get("factor")
+            if rope_type != "default" and not (_is_a(factor, float) and factor > 0):
+                raise ValueError(f"rope_scaling type {rope_type!r} needs a positive number `factor`, got {factor!r}")
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling, rope_type=rope_type))
         if self.use_sliding_window and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(f"use_sliding_window needs sliding_window >= 1, got {self.sliding_window}")
@@ -131,9 +161,13 @@ class Qwen3Config:
         if isinstance(kwargs.get("mlp_only_layers"), list):
             kwargs["mlp_only_layers"] = tuple(kwargs["mlp_only_layers"])
         if theta is not None:
-            kwargs["rope_theta"] = float(theta)
+            kwargs["rope_theta"] = float(theta) if _is_a(theta, float) else theta
         kwargs["rope_scaling"] = None if rope_type == "default" else rope
         if kwargs.get("head_dim") is None:
+            absent = [name for name in ("hidden_size", "num_attention_heads")
+                      if not (_is_a(data.get(name), int) and data[name] > 0)]
+            if absent:
+                raise ValueError(f"without head_dim the config needs a positive int {' and '.join(absent)}")
             kwargs["head_dim"] = data["hidden_size"] // data["num_attention_heads"]
         return cls(**{**kwargs, **overrides})
 
@@ -337,6 +371,7 @@ class Qwen3OmniVisionConfig:
     attention_kernel: str = "auto"
 
     def __post_init__(self):
+        _check_types(self)
         _positive(self, "depth", "hidden_size", "intermediate_size", "num_heads", "in_channels", "patch_size",
                   "spatial_merge_size", "temporal_patch_size", "out_hidden_size", "num_position_embeddings")
         if self.hidden_size % self.num_heads or (self.hidden_size // self.num_heads) % 4:
@@ -436,6 +471,7 @@ class Qwen3OmniAudioConfig:
     attention_kernel: str = "auto"
 
     def __post_init__(self):
+        _check_types(self)
         _positive(self, "num_mel_bins", "encoder_layers", "encoder_attention_heads", "encoder_ffn_dim",
                   "d_model", "max_source_positions", "n_window", "output_dim", "n_window_infer",
                   "conv_chunksize", "downsample_hidden_size")
@@ -597,6 +633,7 @@ class Qwen3OmniThinkerConfig:
         for value, cls, name in checks:
             if not isinstance(value, cls):
                 raise ValueError(f"Qwen3OmniThinkerConfig.{name} must be a {cls.__name__}, got {type(value).__name__}")
+        _check_types(self)
         vocab = self.text_config.vocab_size
         ids = {name: getattr(self, name) for name in self._TOKEN_IDS}
         bad = {k: v for k, v in ids.items() if not isinstance(v, int) or isinstance(v, bool) or not 0 <= v < vocab}

@@ -9,6 +9,7 @@ missing, unexpected and wrongly shaped tensors are all named in one error. Never
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
@@ -339,20 +340,32 @@ MODELS: dict[str, tuple[type, type, Callable[[Any, Any], list[Rule]]]] = {
 # ----------------------------------------------------------------------------------------------------------
 # Files
 
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+_SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+
+
+def is_checkpoint_file(name: str) -> bool:
+    """Whether `name` is one of the files `save_pretrained` writes (and so replaces) in its directory."""
+    return name in (CONFIG_FILE, WEIGHTS_FILE, INDEX_FILE) or _SHARD.fullmatch(name) is not None
+
 
 class _SafetensorsReader:
-    """Tensors of a checkpoint directory: `model.safetensors` or a sharded `model.safetensors.index.json`."""
+    """Tensors of a checkpoint directory, as transformers finds them: the shards `model.safetensors.index.json`
+    names, else `model.safetensors` (other safetensors files are ignored)."""
 
     def __init__(self, path: Path):
-        index = path / "model.safetensors.index.json"
+        index = path / INDEX_FILE
         if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+            weight_map = read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise ValueError(f"{index} has no weight_map object (tensor name -> shard file name)")
             files = sorted(set(weight_map.values()))
+        elif (path / WEIGHTS_FILE).exists():
+            files, weight_map = [WEIGHTS_FILE], None
         else:
-            files = sorted(p.name for p in path.glob("*.safetensors"))
-            if not files:
-                raise FileNotFoundError(f"no *.safetensors file in {path}")
-            weight_map = None
+            raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}")
         self.location: dict[str, Path] = {}
         for name in files:
             file = path / name
@@ -387,16 +400,24 @@ def _listing(items: list[str], limit: int = 20) -> str:
     return shown if len(items) <= limit else f"{shown}; ... and {len(items) - limit} more"
 
 
+def read_json(file: Path) -> dict[str, Any]:
+    """The JSON object in `file`; a ValueError naming the file if it is not valid JSON or not an object."""
+    try:
+        data = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got a {type(data).__name__}")
+    return data
+
+
 def read_config(path: str | os.PathLike, dtype: DTypeLike | None = None, **overrides: Any) -> Any:
     """The config of an HF checkpoint directory, as our config class for its `model_type`, with parameter and
     compute dtype `dtype` (default: the checkpoint's `dtype`, else float32)."""
-    config_file = Path(path) / "config.json"
+    config_file = Path(path) / CONFIG_FILE
     if not config_file.exists():
-        raise FileNotFoundError(f"no config.json in {path}")
-    try:
-        data = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{config_file} is not valid JSON: {e}") from None
+        raise FileNotFoundError(f"no {CONFIG_FILE} in {path}")
+    data = read_json(config_file)
     model_type = data.get("model_type")
     if model_type not in MODELS:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not supported; supported: {sorted(MODELS)}")
@@ -404,7 +425,10 @@ def read_config(path: str | os.PathLike, dtype: DTypeLike | None = None, **overr
         saved = data.get("dtype", data.get("torch_dtype"))
         dtype = saved if saved in ("float32", "bfloat16", "float16") else jnp.float32
     name = jnp.dtype(dtype).name
-    return MODELS[model_type][0].from_hf_dict(data, **{"dtype": name, "param_dtype": name, **overrides})
+    try:
+        return MODELS[model_type][0].from_hf_dict(data, **{"dtype": name, "param_dtype": name, **overrides})
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{config_file} is not a usable config: {e}") from None
 
 
 class _Tensors:
@@ -500,8 +524,9 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, **c
 def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes config.json and safetensors in the HF layout (sharded with an index above `max_shard_bytes`).
 
-    The directory is written next to its destination and swapped in at the end, so a crash mid-save leaves
-    any previous checkpoint at `out_dir` intact.
+    The checkpoint is written next to `out_dir` and swapped in at the end, so a crash mid-save leaves any
+    previous checkpoint there intact. Other entries of an existing `out_dir` (tokenizer files, a README,
+    folders) are kept; only the files of an earlier checkpoint (config.json, weights, index) are replaced.
     """
     cfg = model.config
     if cfg.model_type not in MODELS:
@@ -514,29 +539,44 @@ def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_
     }
     tensors = {rule.hf_key: np.ascontiguousarray(rule.to_hf(leaves[rule.leaf][rule.index])) for rule in rules}
 
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).resolve()
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"cannot save a checkpoint to {out_dir}: it exists and is not a directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    kept: list[str] = []
     try:
-        (staging / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
+        (staging / CONFIG_FILE).write_text(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
         _write_shards(tensors, staging, max_shard_bytes)
         backup = None
         if out_dir.exists():
+            for entry in sorted(os.listdir(out_dir)):
+                if not is_checkpoint_file(entry):
+                    os.replace(out_dir / entry, staging / entry)
+                    kept.append(entry)
+            shutil.copymode(out_dir, staging)
             backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
             os.replace(out_dir, backup)
-        os.replace(staging, out_dir)
-        if backup is not None:
-            shutil.rmtree(backup)
+        try:
+            os.replace(staging, out_dir)
+        except BaseException:
+            if backup is not None:
+                os.replace(backup, out_dir)
+            raise
     except BaseException:
+        for entry in kept:
+            os.replace(staging / entry, out_dir / entry)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    if backup is not None:
+        shutil.rmtree(backup)
 
 
 def _write_shards(tensors: dict[str, np.ndarray], directory: Path, max_shard_bytes: int) -> None:
     total = sum(t.nbytes for t in tensors.values())
     metadata = {"format": "pt"}
     if total <= max_shard_bytes:
-        save_file(tensors, directory / "model.safetensors", metadata=metadata)
+        save_file(tensors, directory / WEIGHTS_FILE, metadata=metadata)
         return
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
@@ -553,4 +593,4 @@ def _write_shards(tensors: dict[str, np.ndarray], directory: Path, max_shard_byt
         save_file(shard, directory / name, metadata=metadata)
         weight_map.update(dict.fromkeys(shard, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

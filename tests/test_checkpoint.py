@@ -436,3 +436,44 @@ def test_restore_missing_step_lists_available(tmp_path, model):
         ckpt.save(4, model)
         with pytest.raises(ValueError, match=r"step 3 not found.*\[2, 4\]"):
             ckpt.restore(model, step=3)
+
+
+def test_max_to_keep_keeps_the_highest_steps(tmp_path, model):
+    """Retention is by step number: a force-saved step between kept ones evicts the lowest, and one below
+    every kept step is refused (it would be deleted at once) instead of evicting a higher step."""
+    with Checkpointer(tmp_path, max_to_keep=2) as ckpt:
+        ckpt.save(5, model)
+        ckpt.save(10, model)
+        with pytest.raises(ValueError, match=r"step 3 would be deleted at once.*\[5, 10\]"):
+            ckpt.save(3, model, force=True)
+        assert ckpt.all_steps() == [5, 10]
+        ckpt.save(7, model, force=True)
+        assert ckpt.all_steps() == [7, 10]
+    assert sorted(os.listdir(tmp_path)) == ["10", "7"]
+
+
+def test_max_to_keep_with_async_saves(tmp_path, model):
+    """Asynchronous saves prune once complete: at the next save, `wait` or `close`."""
+    with Checkpointer(tmp_path, max_to_keep=2, async_save=True) as ckpt:
+        for step in range(1, 5):
+            ckpt.save(step, model)
+        ckpt.wait()
+        assert ckpt.all_steps() == [3, 4]
+    assert sorted(os.listdir(tmp_path)) == ["3", "4"]
+
+
+def test_corrupted_step_is_one_clear_error(tmp_path, model):
+    """A damaged data file in the latest step is a one-line ValueError naming the step folder and the way
+    out; the earlier step still restores."""
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, model)
+        ckpt.save(2, model)
+    data = max((tmp_path / "2" / "model" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    ckpt = Checkpointer(tmp_path)
+    with pytest.raises(ValueError, match="delete it to fall back to step 1") as error:
+        ckpt.restore(abstract_model())
+    message = str(error.value)
+    assert f"step 2 in {tmp_path / '2'} cannot be read" in message and "\n" not in message
+    assert_bitwise_equal(ckpt.restore(abstract_model(), step=1).model, model)
+    ckpt.close()

@@ -97,3 +97,120 @@ def test_non_causal_lm_config_is_one_line(tmp_path):
     bad.write_text(json.dumps({"model_type": "qwen3_omni_moe_thinker"}))
     out = run("train", "--model", str(bad), check=False)
     assert out.returncode == 2 and "not a causal LM" in out.stderr and "Traceback" not in out.stderr
+
+
+def _assert_one_line_error(out, message):
+    assert out.returncode == 2 and message in out.stderr, out.stderr[-2000:]
+    assert out.stderr.strip().count("\n") == 0 and "Traceback" not in out.stderr
+
+
+def test_bad_out_and_data_paths_are_one_line(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "adir").mkdir()
+    _assert_one_line_error(run("train", "--out", str(tmp_path / "afile"), check=False), "is not a directory")
+    out = run("train", "--data", str(tmp_path / "adir"), "--out", str(tmp_path / "r"), check=False)
+    _assert_one_line_error(out, "is a directory; give a UTF-8 text file")
+
+
+@pytest.mark.parametrize("dest", [".", "..", "hf"], ids=["same", "parent", "inside"])
+def test_convert_refuses_dest_overlapping_source(tmp_path, dest):
+    """DEST equal to SOURCE, containing it or inside it is refused before anything is written."""
+    source = tmp_path / "runs" / "a"
+    source.mkdir(parents=True)
+    (source / "eqx_models_config.json").write_text("{}")
+    (tmp_path / "runs" / "other").mkdir()
+    (tmp_path / "runs" / "other" / "notes.txt").write_text("precious")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    _assert_one_line_error(run("convert", str(source), str(source / dest), check=False), "must not be SOURCE")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_convert_hf_into_non_empty_directory_is_refused(tmp_path):
+    """HF -> run into a folder that already holds something (another run) is refused: its higher steps would
+    stay the latest and its config would be overwritten."""
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text("{}")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eqx_models_config.json").write_text('{"model_type": "qwen3"}')
+    out = run("convert", str(tmp_path / "hf"), str(tmp_path / "run"), check=False)
+    _assert_one_line_error(out, "already exists and is not empty")
+    assert (tmp_path / "run" / "eqx_models_config.json").read_text() == '{"model_type": "qwen3"}'
+
+
+def _tiny_omni_thinker():
+    """A tiny random Qwen3-Omni thinker of ours (text MoE, vision and audio encoders)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from eqx_models.config import (Qwen3OmniAudioConfig, Qwen3OmniThinkerConfig, Qwen3OmniThinkerTextConfig,
+                                   Qwen3OmniVisionConfig)
+    from eqx_models.models.qwen3_omni import Qwen3OmniThinkerForConditionalGeneration
+
+    cfg = Qwen3OmniThinkerConfig(
+        text_config=Qwen3OmniThinkerTextConfig(
+            vocab_size=256, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
+            num_key_value_heads=1, head_dim=16, moe_intermediate_size=16, num_experts=4, num_experts_per_tok=2,
+            max_position_embeddings=128, mrope_section=(4, 2, 2)),
+        vision_config=Qwen3OmniVisionConfig(depth=1, hidden_size=16, intermediate_size=32, num_heads=2,
+                                            patch_size=4, out_hidden_size=32, num_position_embeddings=16,
+                                            deepstack_visual_indexes=(0,)),
+        audio_config=Qwen3OmniAudioConfig(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2,
+                                          encoder_ffn_dim=32, d_model=16, max_source_positions=64,
+                                          n_window_infer=200, downsample_hidden_size=8, output_dim=32),
+        audio_token_id=250, image_token_id=251, video_token_id=252, audio_start_token_id=253,
+        vision_start_token_id=254,
+    )
+    skeleton = eqx.filter_eval_shape(Qwen3OmniThinkerForConditionalGeneration, cfg, key=jax.random.key(0))
+    rng = np.random.default_rng(0)
+    return jax.tree.map(lambda s: jnp.asarray(rng.standard_normal(s.shape), s.dtype), skeleton)
+
+
+@pytest.mark.slow
+def test_convert_omni_thinker_both_ways(tmp_path):
+    """A Qwen3-Omni thinker converts HF -> run -> HF with every tensor unchanged; `generate` (byte-level text
+    from causal LMs) refuses it in one line."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    import eqx_models as em
+
+    em.save_pretrained(_tiny_omni_thinker(), tmp_path / "hf")
+    run("convert", str(tmp_path / "hf"), str(tmp_path / "run"))
+    run("convert", str(tmp_path / "run"), str(tmp_path / "back"))
+    before = load_file(tmp_path / "hf" / "model.safetensors")
+    after = load_file(tmp_path / "back" / "model.safetensors")
+    assert sorted(before) == sorted(after) and all(np.array_equal(before[k], after[k]) for k in before)
+    assert json.loads((tmp_path / "back" / "config.json").read_text()) == json.loads(
+        (tmp_path / "hf" / "config.json").read_text())
+    out = run("generate", "--checkpoint", str(tmp_path / "run"), "--prompt", "x", check=False)
+    _assert_one_line_error(out, "generate samples text from qwen3")
+
+
+@pytest.mark.slow
+def test_resume_keeps_the_run_config_and_names_a_corrupt_step(tmp_path):
+    """`--resume` without `--model` trains on with the run's saved config (not `tiny`); a `--model` that differs
+    (here only in rope_theta and rms_norm_eps) is refused naming those fields; a damaged latest step is one
+    line naming its folder."""
+    model = dict(model_type="qwen3", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    (tmp_path / "tiny.json").write_text(json.dumps(model))
+    (tmp_path / "other.json").write_text(json.dumps({**model, "rope_theta": 5.0, "rms_norm_eps": 0.5}))
+    run_dir, common = tmp_path / "run", ("--batch-size", "2", "--seq-len", "16", "--quiet")
+    run("train", "--model", str(tmp_path / "tiny.json"), "--steps", "2", "--out", str(run_dir), *common)
+    saved = (run_dir / "eqx_models_config.json").read_text()
+
+    out = run("train", "--model", str(tmp_path / "other.json"), "--steps", "4", "--out", str(run_dir), "--resume",
+              *common, check=False)
+    _assert_one_line_error(out, "in rms_norm_eps, rope_theta; leave out --model")
+    run("train", "--steps", "3", "--save-every", "1", "--out", str(run_dir), "--resume", *common)
+    assert (run_dir / "eqx_models_config.json").read_text() == saved
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "3"]
+
+    data = max((run_dir / "checkpoints" / "3" / "model" / "ocdbt.process_0" / "d").iterdir(),
+               key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    out = run("generate", "--checkpoint", str(run_dir), "--prompt", "x", "--max-new-tokens", "2", check=False)
+    _assert_one_line_error(out, f"step 3 in {run_dir / 'checkpoints' / '3'} cannot be read")
+    assert "delete it to fall back to step 2" in out.stderr

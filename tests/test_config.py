@@ -12,7 +12,7 @@ import pytest
 import transformers
 
 import eqx_models as em
-from eqx_models.config import _RUNTIME_FIELDS, ROPE_TYPES
+from eqx_models.config import _RUNTIME_FIELDS, ROPE_TYPES, Qwen3OmniAudioConfig
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=512,
@@ -40,6 +40,8 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "hf" / "
         (em.Qwen3Config, dict(hidden_act="swish2"), "hidden_act"),
         (em.Qwen3Config, dict(use_sliding_window=True, sliding_window=None), "sliding_window"),
         (em.Qwen3Config, dict(attention_kernel="flash3"), "attention_kernel"),
+        (em.Qwen3Config, dict(rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 64}), "factor"),
+        (em.Qwen3Config, dict(rope_scaling={"rope_type": "linear", "factor": "2"}), "factor"),
         (em.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
         (em.Qwen3MoeConfig, dict(num_hidden_layers=4, mlp_only_layers=(1, 4)), "mlp_only_layers"),
         (em.Qwen3MoeConfig, dict(num_hidden_layers=4, mlp_only_layers=(-1,)), "mlp_only_layers"),
@@ -52,6 +54,31 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "hf" / "
 def test_invalid_config_raises_naming_the_field(cls, kwargs, field):
     with pytest.raises(ValueError, match=field):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "cls, field, value, expected",
+    [
+        (em.Qwen3Config, "rms_norm_eps", "1e-6", "float"),
+        (em.Qwen3Config, "tie_word_embeddings", "false", "bool"),
+        (em.Qwen3Config, "sliding_window", 4.5, "int or None"),
+        (em.Qwen3MoeConfig, "num_experts", True, "int"),
+        (Qwen3OmniAudioConfig, "dropout", None, "float"),
+    ],
+)
+def test_wrongly_typed_field_is_named(cls, field, value, expected):
+    """A value of the wrong type (as a hand-edited JSON gives) is a ValueError naming the field and the type,
+    also without the jaxtyping hook the tests run under (which checks `__init__` before `__post_init__`)."""
+    cfg = cls()
+    object.__setattr__(cfg, field, value)
+    with pytest.raises(ValueError, match=f"{cls.__name__}.{field} must be {expected}, got {value!r}"):
+        cfg.__post_init__()
+
+
+def test_from_hf_dict_without_head_dim_names_the_missing_field():
+    data = {k: v for k, v in TINY.items() if k not in ("head_dim", "num_attention_heads")}
+    with pytest.raises(ValueError, match="num_attention_heads"):
+        em.Qwen3Config.from_hf_dict(data)
 
 
 def test_configs_are_frozen():

@@ -72,7 +72,8 @@ def _hf_load(path, moe: bool):
 
 
 def _files(path: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(path.iterdir())}
+    """Every file under `path` (sub-folders included) by relative path, with its bytes."""
+    return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -204,10 +205,67 @@ def test_missing_config(saved):
 
 
 def test_missing_safetensors(saved):
+    """Without an index or `model.safetensors` the error names both, even when other safetensors files exist."""
     path, _ = saved
-    (path / "model.safetensors").unlink()
-    with pytest.raises(FileNotFoundError, match="safetensors"):
+    (path / "model.safetensors").rename(path / "weights.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"no model\.safetensors or model\.safetensors\.index\.json"):
         em.from_pretrained(path)
+
+
+def test_stray_safetensors_file_is_ignored(saved):
+    """A stray `*.safetensors` beside `model.safetensors` (no index) is not read, as in transformers: here an
+    all-zero copy that would otherwise override every weight."""
+    path, model = saved
+    zeros = {k: np.zeros_like(v) for k, v in load_file(path / "model.safetensors").items()}
+    save_file(zeros, path / "zz_old_copy.safetensors", metadata={"format": "pt"})
+    _assert_same_params(em.from_pretrained(path), model)
+
+
+def test_sharded_checkpoint_reads_only_the_indexed_shards(tmp_path):
+    """With an index, only the shards it names are read: a leftover `model.safetensors` is ignored."""
+    model = _random_model(_cfg(moe=False))
+    em.save_pretrained(model, tmp_path, max_shard_bytes=20_000)
+    zeros = {k: np.zeros_like(v) for s in tmp_path.glob("model-*.safetensors") for k, v in load_file(s).items()}
+    save_file(zeros, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _assert_same_params(em.from_pretrained(tmp_path), model)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda c: [c.pop("num_attention_heads"), c.pop("head_dim")], "num_attention_heads"),
+        (lambda c: c.update(rms_norm_eps="1e-6"), "rms_norm_eps"),
+        (lambda c: c.update(tie_word_embeddings="false"), "tie_word_embeddings"),
+        (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "factor"),
+    ],
+    ids=["missing-field", "string-eps", "string-bool", "yarn-without-factor"],
+)
+def test_bad_config_field_names_file_and_field(saved, edit, message):
+    """A config.json with a field missing, wrongly typed or incomplete is a ValueError naming file and field."""
+    path, _ = saved
+    config = json.loads((path / "config.json").read_text())
+    edit(config)
+    (path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message) as excinfo:
+        em.from_pretrained(path)
+    assert str(path / "config.json") in str(excinfo.value)
+
+
+def test_config_json_that_is_not_an_object(saved):
+    path, _ = saved
+    (path / "config.json").write_text("[]")
+    with pytest.raises(ValueError, match=r"config\.json must hold a JSON object, got a list"):
+        em.from_pretrained(path)
+
+
+@pytest.mark.parametrize(("text", "message"), [("{oops", "is not valid JSON"), ("{}", "has no weight_map"),
+                                                ('{"weight_map": [1]}', "has no weight_map")])
+def test_bad_index_names_the_file(tmp_path, text, message):
+    em.save_pretrained(_random_model(_cfg(moe=False)), tmp_path, max_shard_bytes=20_000)
+    (tmp_path / "model.safetensors.index.json").write_text(text)
+    with pytest.raises(ValueError, match=message) as excinfo:
+        em.from_pretrained(tmp_path)
+    assert "model.safetensors.index.json" in str(excinfo.value)
 
 
 def test_unknown_model_type(saved):
@@ -309,3 +367,50 @@ def test_save_over_existing_directory_replaces_it(tmp_path):
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     _assert_same_params(em.from_pretrained(out), new)
+
+
+def _unrelated_entries(out: Path) -> None:
+    """What a user keeps beside a checkpoint: tokenizer files, a README, a folder of notes."""
+    (out / "tokenizer.json").write_text('{"version": "1.0"}')
+    (out / "README.md").write_text("# my model\n")
+    (out / "notes").mkdir()
+    (out / "notes" / "important.txt").write_text("do not delete")
+
+
+def test_save_over_existing_directory_keeps_other_files(tmp_path):
+    """Saving over a sharded checkpoint replaces its config, shards and index (stale shards would be loaded)
+    and keeps every other entry of the folder byte for byte."""
+    old, new = _random_model(_cfg(moe=False), seed=1), _random_model(_cfg(moe=False), seed=2)
+    out = tmp_path / "ckpt"
+    em.save_pretrained(old, out, max_shard_bytes=20_000)
+    _unrelated_entries(out)
+    others = {k: v for k, v in _files(out).items() if not hf_io.is_checkpoint_file(Path(k).parts[0])}
+    assert sorted(others) == ["README.md", "notes/important.txt", "tokenizer.json"]
+    em.save_pretrained(new, out)
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "notes", "tokenizer.json"]
+    assert {k: v for k, v in _files(out).items() if k in others} == others
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    _assert_same_params(em.from_pretrained(out), new)
+
+
+def test_crash_mid_save_keeps_other_files_in_place(tmp_path, monkeypatch):
+    """A save failing after the other entries were moved aside puts them back: the folder is unchanged."""
+    old, new = _random_model(_cfg(moe=False), seed=1), _random_model(_cfg(moe=False), seed=2)
+    out = tmp_path / "ckpt"
+    em.save_pretrained(old, out)
+    _unrelated_entries(out)
+    before = _files(out)
+    real_replace = os.replace
+
+    def fail_on_swap(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".ckpt.tmp-"):
+            raise OSError("rename failed")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(hf_io.os, "replace", fail_on_swap)
+    with pytest.raises(OSError, match="rename failed"):
+        em.save_pretrained(new, out)
+    monkeypatch.undo()
+    assert _files(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    _assert_same_params(em.from_pretrained(out), old)
