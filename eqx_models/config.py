@@ -91,6 +91,7 @@ class Qwen3Config:
     use_sliding_window: bool = False
     sliding_window: int | None = None
     max_window_layers: int = 28
+    layer_types: Sequence[str] | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
@@ -127,6 +128,7 @@ class Qwen3Config:
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling, rope_type=rope_type))
         if self.use_sliding_window and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(f"use_sliding_window needs sliding_window >= 1, got {self.sliding_window}")
+        self._set_layer_types()
         if not isinstance(self.mtp_num_layers, int) or self.mtp_num_layers < 0:
             raise ValueError(f"mtp_num_layers must be a non-negative int, got {self.mtp_num_layers!r}")
         _check_runtime(self)
@@ -136,9 +138,25 @@ class Qwen3Config:
     def __hash__(self) -> int:
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
 
+    def _set_layer_types(self) -> None:
+        """HF Qwen3: `layer_types` as given, else sliding attention on layers `>= max_window_layers` when
+        `use_sliding_window`; sliding layers need `use_sliding_window` (HF has no window without it)."""
+        if self.layer_types is None:
+            types = tuple("sliding_attention" if self.use_sliding_window and i >= self.max_window_layers
+                          else "full_attention" for i in range(self.num_hidden_layers))
+        else:
+            types = tuple(self.layer_types)
+        allowed = ("full_attention", "sliding_attention")
+        if len(types) != self.num_hidden_layers or set(types) - set(allowed):
+            raise ValueError(
+                f"layer_types must list {self.num_hidden_layers} entries from {allowed}, got {list(types)}"
+            )
+        if "sliding_attention" in types and not self.use_sliding_window:
+            raise ValueError("layer_types has sliding_attention layers but use_sliding_window is False")
+        object.__setattr__(self, "layer_types", types)
+
     def layer_uses_sliding_window(self, layer: int) -> bool:
-        """HF Qwen3: sliding attention on layers `>= max_window_layers` when `use_sliding_window`."""
-        return self.use_sliding_window and layer >= self.max_window_layers
+        return self.layer_types[layer] == "sliding_attention"
 
     def replace(self, **changes: Any) -> "Qwen3Config":
         return dataclasses.replace(self, **changes)
@@ -158,8 +176,9 @@ class Qwen3Config:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
         kwargs = {k: v for k, v in data.items() if k in names}
-        if isinstance(kwargs.get("mlp_only_layers"), list):
-            kwargs["mlp_only_layers"] = tuple(kwargs["mlp_only_layers"])
+        for name in ("mlp_only_layers", "layer_types"):
+            if isinstance(kwargs.get(name), list):
+                kwargs[name] = tuple(kwargs[name])
         if theta is not None:
             kwargs["rope_theta"] = float(theta) if _is_a(theta, float) else theta
         kwargs["rope_scaling"] = None if rope_type == "default" else rope
@@ -176,12 +195,9 @@ class Qwen3Config:
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_FIELDS}
         theta, scaling = data.pop("rope_theta"), data.pop("rope_scaling")
         data["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
-        if isinstance(data.get("mlp_only_layers"), tuple):
-            data["mlp_only_layers"] = list(data["mlp_only_layers"])
-        data["layer_types"] = [
-            "sliding_attention" if self.layer_uses_sliding_window(i) else "full_attention"
-            for i in range(self.num_hidden_layers)
-        ]
+        for name in ("mlp_only_layers", "layer_types"):
+            if isinstance(data.get(name), tuple):
+                data[name] = list(data[name])
         data.update(model_type=self.model_type, architectures=[self.architecture], dtype=self.param_dtype)
         return data
 
@@ -234,6 +250,28 @@ class Qwen3MoeConfig(Qwen3Config):
             raise ValueError(f"moe_fast_capacity_factor must be >= 1, got {self.moe_fast_capacity_factor}")
 
     __hash__ = Qwen3Config.__hash__  # the dataclass decorator would otherwise replace it
+
+    def _set_layer_types(self) -> None:
+        """HF Qwen3-MoE has no per-layer types: with `use_sliding_window` every layer slides."""
+        kind = "sliding_attention" if self.use_sliding_window else "full_attention"
+        types = (kind,) * self.num_hidden_layers
+        if self.layer_types is not None and tuple(self.layer_types) != types:
+            raise ValueError(f"{type(self).__name__} slides every layer or none (use_sliding_window); layer_types "
+                             f"{list(self.layer_types)} cannot mix them")
+        object.__setattr__(self, "layer_types", types)
+
+    @classmethod
+    def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3MoeConfig":
+        """As `Qwen3Config.from_hf_dict`, ignoring the dense model's `layer_types` / `max_window_layers`, which
+        HF's MoE config does not read."""
+        data = {k: v for k, v in data.items() if k not in ("layer_types", "max_window_layers")}
+        return super().from_hf_dict(data, **overrides)
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        data = super().to_hf_dict()
+        for name in ("layer_types", "max_window_layers"):
+            data.pop(name)
+        return data
 
     def layer_is_moe(self, layer: int) -> bool:
         """HF: MoE unless listed in `mlp_only_layers`, on every `decoder_sparse_step`-th layer."""
@@ -294,6 +332,13 @@ class Qwen3NextConfig(Qwen3MoeConfig):
             raise ValueError("Qwen3-Next has no sliding-window attention; use_sliding_window must be False")
         if self.rope_scaling is not None:
             raise ValueError(f"Qwen3-Next supports only the default RoPE, got rope_scaling {dict(self.rope_scaling)}")
+        if self.gated_delta_impl not in GATED_DELTA_IMPLS:
+            raise ValueError(f"gated_delta_impl must be one of {GATED_DELTA_IMPLS}, got {self.gated_delta_impl!r}")
+
+    __hash__ = Qwen3Config.__hash__
+
+    def _set_layer_types(self) -> None:
+        _positive(self, "full_attention_interval")
         if self.layer_types is None:
             interval = self.full_attention_interval
             layer_types = tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention"
@@ -305,10 +350,6 @@ class Qwen3NextConfig(Qwen3MoeConfig):
                 f"layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, got {list(layer_types)}"
             )
         object.__setattr__(self, "layer_types", layer_types)
-        if self.gated_delta_impl not in GATED_DELTA_IMPLS:
-            raise ValueError(f"gated_delta_impl must be one of {GATED_DELTA_IMPLS}, got {self.gated_delta_impl!r}")
-
-    __hash__ = Qwen3Config.__hash__
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3NextConfig":
@@ -318,13 +359,13 @@ class Qwen3NextConfig(Qwen3MoeConfig):
         if factor is not None:
             overrides = {"partial_rotary_factor": float(factor), **overrides}
         if isinstance(data.get("layer_types"), list):
-            data["layer_types"] = tuple(data["layer_types"])
+            overrides = {"layer_types": tuple(data["layer_types"]), **overrides}
         return super().from_hf_dict(data, **overrides)
 
     def to_hf_dict(self) -> dict[str, Any]:
         data = super().to_hf_dict()
         data["rope_parameters"]["partial_rotary_factor"] = data.pop("partial_rotary_factor")
-        for name in ("full_attention_interval", "use_sliding_window", "sliding_window", "max_window_layers"):
+        for name in ("full_attention_interval", "use_sliding_window", "sliding_window"):
             data.pop(name)
         data["layer_types"] = list(self.layer_types)
         return data
@@ -586,7 +627,7 @@ class Qwen3OmniThinkerTextConfig(Qwen3MoeConfig):
         data = super().to_hf_dict()
         data["rope_parameters"].update(mrope_section=list(data.pop("mrope_section")),
                                        interleaved=data.pop("mrope_interleaved"))
-        for name in ("layer_types", "use_sliding_window", "max_window_layers", "architectures"):
+        for name in ("use_sliding_window", "architectures"):
             data.pop(name)
         return data
 

@@ -42,6 +42,12 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "hf" / "
         (em.Qwen3Config, dict(attention_kernel="flash3"), "attention_kernel"),
         (em.Qwen3Config, dict(rope_scaling={"rope_type": "yarn", "original_max_position_embeddings": 64}), "factor"),
         (em.Qwen3Config, dict(rope_scaling={"rope_type": "linear", "factor": "2"}), "factor"),
+        (em.Qwen3Config, dict(num_hidden_layers=2, layer_types=("full_attention",)), "layer_types"),
+        (em.Qwen3Config, dict(num_hidden_layers=2, layer_types=("full_attention", "sliding_attention")),
+         "use_sliding_window is False"),
+        (em.Qwen3MoeConfig, dict(num_hidden_layers=2, use_sliding_window=True, sliding_window=4,
+                                 layer_types=("full_attention", "sliding_attention")), "cannot mix them"),
+        (em.Qwen3NextConfig, dict(full_attention_interval=0), "full_attention_interval"),
         (em.Qwen3MoeConfig, dict(num_experts=4, num_experts_per_tok=5), "num_experts_per_tok"),
         (em.Qwen3MoeConfig, dict(num_hidden_layers=4, mlp_only_layers=(1, 4)), "mlp_only_layers"),
         (em.Qwen3MoeConfig, dict(num_hidden_layers=4, mlp_only_layers=(-1,)), "mlp_only_layers"),
@@ -189,8 +195,11 @@ def test_to_hf_dict_is_read_by_transformers(cfg):
         name = field.name
         if name in _RUNTIME_FIELDS or name in ("rope_theta", "rope_scaling", "max_window_layers"):
             continue
+        if name == "layer_types" and hf_cls is transformers.Qwen3MoeConfig:  # HF's MoE has none: all or no layers slide
+            assert not hasattr(hf, name) and set(cfg.layer_types) == {"full_attention"}
+            continue
         value = getattr(hf, name)
-        assert (tuple(value) if name == "mlp_only_layers" else value) == getattr(cfg, name), name
+        assert (tuple(value) if name in ("mlp_only_layers", "layer_types") else value) == getattr(cfg, name), name
     assert hf.rope_parameters["rope_theta"] == cfg.rope_theta
     assert hf.rope_parameters["rope_type"] == (cfg.rope_scaling or {"rope_type": "default"})["rope_type"]
     for key, value in (cfg.rope_scaling or {}).items():

@@ -393,8 +393,9 @@ class YarnRotaryEmbedding(eqx.Module):
     `interleave=True` reads `x` as interleaved pairs and returns the half-split layout (HF
     `apply_rotary_pos_emb_interleave`; q.k is unchanged because q and k are treated alike); `pairwise=True`
     keeps the interleaved layout on output; `interleave=False` reads and writes half-split.
-    cos/sin are multiplied by the attention factor: `mscale(f, mscale) / mscale(f, mscale_all_dim)` when
-    `mscale_all_dim` is given (HF's DeepSeek form), `0.1 ln(f) + 1` when `attention_scaling` alone, else 1.
+    cos/sin are multiplied by the attention factor: `explicit_attention_factor` when given (HF's
+    `attention_factor`), else `mscale(f, mscale) / mscale(f, mscale_all_dim)` when `mscale_all_dim` is given
+    (HF's DeepSeek form), `0.1 ln(f) + 1` when `attention_scaling` alone, else 1.
     """
 
     embedding_dims: int = eqx.field(static=True)
@@ -410,6 +411,7 @@ class YarnRotaryEmbedding(eqx.Module):
     pairwise: bool = eqx.field(static=True, default=False)
     mscale: float = eqx.field(static=True, converter=float, default=1.0)
     mscale_all_dim: float | None = eqx.field(static=True, default=None)
+    explicit_attention_factor: float | None = eqx.field(static=True, default=None)
 
     def __check_init__(self):
         _check_even("YarnRotaryEmbedding", "embedding_dims", self.embedding_dims)
@@ -427,6 +429,8 @@ class YarnRotaryEmbedding(eqx.Module):
 
     @property
     def attention_factor(self) -> float:
+        if self.explicit_attention_factor is not None:
+            return float(self.explicit_attention_factor)
         if self.mscale_all_dim is not None:
             return yarn_get_mscale(self.rope_factor, self.mscale) / yarn_get_mscale(
                 self.rope_factor, self.mscale_all_dim

@@ -54,6 +54,7 @@ def rotary_from_config(cfg: Qwen3Config) -> eqx.Module:
         beta_slow=scaling.get("beta_slow", 1.0), rope_theta=cfg.rope_theta, rope_factor=factor, interleave=False,
         truncate=scaling.get("truncate", True), attention_scaling=True, mscale=scaling.get("mscale") or 1.0,
         mscale_all_dim=(scaling.get("mscale_all_dim") or None) if scaling.get("mscale") else None,
+        explicit_attention_factor=scaling.get("attention_factor"),
     )
 
 

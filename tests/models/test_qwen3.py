@@ -41,7 +41,15 @@ CASES = [
           num_key_value_heads=2, head_dim=12, tie_word_embeddings=True), (2, 2)),
     ("moe-mlp-only-mha", True,
      dict(norm_topk_prob=False, mlp_only_layers=[0, 2], num_hidden_layers=4, num_key_value_heads=4), (2, 2)),
+    ("dense-sliding-layer-types", False,
+     dict(use_sliding_window=True, sliding_window=4,
+          layer_types=["sliding_attention", "full_attention", "sliding_attention"]), (3, 1)),
+    ("moe-sliding-every-layer", True, dict(use_sliding_window=True, sliding_window=4), (1, 3)),
+    ("dense-yarn-attention-factor", False,
+     dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
+                           "original_max_position_embeddings": 32, "attention_factor": 0.7}), (1, 3)),
 ]
+ROUND_TRIP = ("dense-sliding-layer-types", "moe-sliding-every-layer", "dense-yarn-attention-factor")
 
 
 def _hf_model(moe: bool, seed: int = 0, **overrides):
@@ -165,6 +173,19 @@ def test_logits_match_hf(tmp_path, case):
         np.testing.assert_array_equal(kernel.reshape(kernel.shape[0], -1).T, hf_kernel)
         is_moe = moe and hasattr(hf_layer.mlp, "experts")
         assert hasattr(layer, "moe_block") == is_moe, f"layer {i}"
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] in ROUND_TRIP], ids=list(ROUND_TRIP))
+def test_saved_config_builds_the_same_hf_model(tmp_path, case):
+    """The config.json `save_pretrained` writes builds an HF model whose logits equal the original's (per-layer
+    sliding windows and YaRN's attention factor survive the round trip)."""
+    name, moe, overrides, _ = case
+    hf, ours = _hf_and_ours(tmp_path / "hf", moe, **overrides)
+    em.save_pretrained(ours, tmp_path / "ours")
+    back = type(hf).from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    ids = torch.tensor(_ids(2, 2, 19))
+    with torch.no_grad():
+        assert_close(back(ids).logits.numpy(), hf(ids).logits.numpy(), 1e-6, f"{name} HF from our config.json")
 
 
 # ----------------------------------------------------------------------------------------------------------
