@@ -10,12 +10,20 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from eqx_models.models.transformer import roll_and_mask_by_segment
+from eqx_models.models.qwen3_omni import Qwen3OmniThinkerForConditionalGeneration
+from eqx_models.models.transformer import TransformerOutput, roll_and_mask_by_segment
 
 Batch = dict[str, Array]
+
+
+def _check_chunk_size(chunk_size: object) -> None:
+    """Rejects a loss chunk size that is not a positive int (0 would divide by zero when splitting)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int (positions per loss chunk), got {chunk_size!r}")
 
 
 def chunked_cross_entropy(
@@ -28,6 +36,7 @@ def chunked_cross_entropy(
 ) -> tuple[Float[Array, ""], Float[Array, ""]]:
     """`(sum of masked token cross-entropies, sum of masked logsumexp^2)`; `logits_fn` maps `[..., embed]` to
     float32 `[..., vocab]`. Chunks of `chunk_size` positions are materialised one at a time."""
+    _check_chunk_size(chunk_size)
     batch, seq, embed = hidden.shape
     chunk = min(chunk_size, seq)
     pad = -seq % chunk
@@ -60,6 +69,53 @@ def next_token_targets(
     return targets, valid
 
 
+def _text_config(model: eqx.Module) -> Any:
+    """The config holding the decoder's loss settings (`num_experts`, `mtp_num_layers`, coefficients)."""
+    if isinstance(model, Qwen3OmniThinkerForConditionalGeneration):
+        return model.config.text_config
+    return model.config
+
+
+def _forward(
+    model: eqx.Module, batch: Batch, key: PRNGKeyArray | None, inference: bool
+) -> TransformerOutput:
+    """`model.forward` on the batch's tokens; the Qwen3-Omni thinker's text path takes an HF attention mask."""
+    input_ids, segment_ids, positions = batch["input_ids"], batch.get("segment_ids"), batch.get("positions")
+    if not isinstance(model, Qwen3OmniThinkerForConditionalGeneration):
+        return model.forward(input_ids, positions, segment_ids, key=key, inference=inference)
+    attention_mask = None
+    if segment_ids is not None:
+        message = ("the Qwen3-Omni thinker takes segment_ids 0 (padding) / 1 (token) only, as an attention mask: "
+                   "packed rows (segment ids > 1) are not supported")
+        packed = jnp.any(segment_ids > 1)
+        if not isinstance(packed, jax.core.Tracer) and bool(packed):
+            raise ValueError(f"{message}; got ids {np.unique(np.asarray(segment_ids)).tolist()}")
+        attention_mask = (eqx.error_if(segment_ids, packed, message) > 0).astype(jnp.int32)
+    return model.forward(input_ids, attention_mask=attention_mask, position_ids=positions, key=key,
+                         inference=inference)
+
+
+def _targets(
+    input_ids: Int[Array, "batch seq"], segment_ids: Int[Array, "batch seq"] | None, depths: int
+) -> list[tuple[Int[Array, "batch seq"], Bool[Array, "batch seq"]]]:
+    """`next_token_targets` 1 (main loss) to `depths + 1` (MTP depths) tokens ahead."""
+    segment_ids = jnp.ones_like(input_ids) if segment_ids is None else segment_ids
+    return [next_token_targets(input_ids, segment_ids, shift=shift) for shift in range(1, depths + 2)]
+
+
+def _counts(targets: list[tuple[Array, Array]]) -> dict[str, Float[Array, ""]]:
+    """Valid main targets (`tokens`) and valid MTP targets over all depths (`mtp_tokens`) of `_targets`."""
+    tokens = [jnp.sum(mask).astype(jnp.float32) for _, mask in targets]
+    return {"tokens": tokens[0], "mtp_tokens": sum(tokens[1:], jnp.zeros((), jnp.float32))}
+
+
+def loss_normalizers(model: eqx.Module, batch: Batch) -> dict[str, Float[Array, ""]]:
+    """The denominators of `lm_loss` over `batch`: `tokens` (valid next-token targets) and `mtp_tokens` (valid
+    targets 2 .. `mtp_num_layers` + 1 ahead, summed over the MTP depths)."""
+    depths = getattr(_text_config(model), "mtp_num_layers", 0)
+    return _counts(_targets(batch["input_ids"], batch.get("segment_ids"), depths))
+
+
 def lm_loss(
     model: eqx.Module,
     batch: Batch,
@@ -68,37 +124,40 @@ def lm_loss(
     z_loss: float = 0.0,
     chunk_size: int = 512,
     inference: bool = False,
+    normalizers: dict[str, Array] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Array]]:
     """Mean next-token cross-entropy over real tokens, plus `z_loss * mean(logsumexp^2)`, the MoE
-    load-balancing loss times `router_aux_loss_coef`, and the MTP loss times `mtp_loss_scaling_factor`.
+    load-balancing loss times `router_aux_loss_coef`, and the MTP loss (sum of the MTP token losses over the
+    MTP targets) times `mtp_loss_scaling_factor`.
 
-    `batch` holds `input_ids` and optionally `segment_ids` (0 = padding) and `positions`.
+    `batch` holds `input_ids` and optionally `segment_ids` (0 = padding) and `positions`. For the Qwen3-Omni
+    thinker (text only) `segment_ids` become its `attention_mask` and `positions` its `position_ids`.
+
+    `normalizers`: the whole batch's `loss_normalizers` when `batch` is one micro-batch of it. Every term is
+    then this micro-batch's share of the whole-batch loss (the MoE loss weighted by its share of the tokens),
+    so losses, gradients and metrics of the micro-batches add up to the whole batch's.
     """
-    input_ids = batch["input_ids"]
-    segment_ids = batch.get("segment_ids")
-    out = model.forward(input_ids, batch.get("positions"), segment_ids, key=key, inference=inference)
-    if segment_ids is None:
-        segment_ids = jnp.ones_like(input_ids)
-    targets, mask = next_token_targets(input_ids, segment_ids)
-    tokens = jnp.sum(mask).astype(jnp.float32)
-    count = jnp.maximum(tokens, 1.0)
-    xent, z = chunked_cross_entropy(model.logits, out.hidden, targets, mask, chunk_size=chunk_size)
-    metrics = {"cross_entropy": xent / count, "tokens": tokens}
+    _check_chunk_size(chunk_size)
+    out = _forward(model, batch, key, inference)
+    cfg = _text_config(model)
+    targets = _targets(batch["input_ids"], batch.get("segment_ids"), len(out.mtp_hidden))
+    counts = _counts(targets)
+    total = counts if normalizers is None else normalizers
+    count, mtp_count = (jnp.maximum(total[name], 1.0) for name in ("tokens", "mtp_tokens"))
+    xent, z = chunked_cross_entropy(model.logits, out.hidden, *targets[0], chunk_size=chunk_size)
+    metrics = {"cross_entropy": xent / count, "tokens": counts["tokens"]}
     loss = xent / count + z_loss * z / count
-    cfg = model.config
     if getattr(cfg, "num_experts", 0):
         aux = model.aux_loss(out.stats)
+        if normalizers is not None:
+            aux = aux * counts["tokens"] / count
         metrics["moe_aux_loss"] = aux
         loss = loss + cfg.router_aux_loss_coef * aux
     if out.mtp_hidden:
-        mtp_terms = []
-        for depth, hidden in enumerate(out.mtp_hidden, start=1):
-            mtp_targets, mtp_mask = next_token_targets(input_ids, segment_ids, shift=depth + 1)
-            mtp_xent, _ = chunked_cross_entropy(model.logits, hidden, mtp_targets, mtp_mask, chunk_size=chunk_size)
-            mtp_terms.append((mtp_xent, jnp.sum(mtp_mask)))
-        mtp = sum(x for x, _ in mtp_terms) / jnp.maximum(sum(n for _, n in mtp_terms), 1).astype(jnp.float32)
-        metrics["mtp_loss"] = mtp
-        loss = loss + cfg.mtp_loss_scaling_factor * mtp
+        mtp_xent = sum(chunked_cross_entropy(model.logits, hidden, *depth_targets, chunk_size=chunk_size)[0]
+                       for hidden, depth_targets in zip(out.mtp_hidden, targets[1:], strict=True))
+        metrics["mtp_loss"] = mtp_xent / mtp_count
+        loss = loss + cfg.mtp_loss_scaling_factor * metrics["mtp_loss"]
     metrics["loss"] = loss
     return loss, metrics
 
@@ -132,15 +191,21 @@ def make_train_step(
     **loss_kwargs: Any,
 ) -> Callable:
     """`step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, jitted with the model and optimizer
-    state donated. With `grad_accum_steps > 1` the batch is split into that many micro-batches along the batch
-    axis and their float32 gradients averaged, weighted by real tokens. Parameters stay in their `param_dtype` (fp32 master weights with
-    `dtype="bfloat16"` compute is the mixed-precision set-up)."""
+    state donated. Parameters stay in their `param_dtype` (fp32 master weights with `dtype="bfloat16"` compute
+    is the mixed-precision set-up).
+
+    With `grad_accum_steps > 1` the batch is split into that many micro-batches along the batch axis, and
+    `loss_fn` also receives `normalizers=loss_normalizers(model, batch)` of the whole batch; the micro-batches'
+    float32 gradients and metrics are summed, which equals the full-batch per-token means (main and MTP) even
+    with uneven padding. A custom `loss_fn` must then return such shares, as `lm_loss` does."""
     if grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    if "chunk_size" in loss_kwargs:
+        _check_chunk_size(loss_kwargs["chunk_size"])
 
-    def grads_of(model, batch, key):
+    def grads_of(model, batch, key, **kwargs):
         (_, metrics), grads = eqx.filter_value_and_grad(
-            lambda m: loss_fn(m, batch, key=key, **loss_kwargs), has_aux=True
+            lambda m: loss_fn(m, batch, key=key, **kwargs, **loss_kwargs), has_aux=True
         )(model)
         return grads, metrics
 
@@ -152,24 +217,19 @@ def make_train_step(
             size = batch["input_ids"].shape[0]
             if size % grad_accum_steps:
                 raise ValueError(f"batch size {size} is not divisible by grad_accum_steps {grad_accum_steps}")
+            normalizers = loss_normalizers(model, batch)
             micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, size // grad_accum_steps, *x.shape[1:]), batch)
             params = eqx.filter(model, eqx.is_inexact_array)
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
 
-            # Micro-batches are weighted by their real-token counts, so the result equals the full-batch
-            # per-token mean even when padding is uneven across them.
             def accumulate(total, xs):
                 micro_batch, micro_key = xs
-                grads, metrics = grads_of(model, micro_batch, micro_key)
-                weight = metrics.get("tokens", jnp.ones((), jnp.float32))
-                return jax.tree.map(lambda t, g: t + weight * g.astype(jnp.float32), total, grads), metrics
+                grads, metrics = grads_of(model, micro_batch, micro_key, normalizers=normalizers)
+                return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), metrics
 
             total, metrics = jax.lax.scan(accumulate, zeros, (micro, jax.random.split(key, grad_accum_steps)))
-            weights = metrics.get("tokens", jnp.ones((grad_accum_steps,), jnp.float32))
-            total_weight = jnp.maximum(jnp.sum(weights), 1.0)
-            grads = jax.tree.map(lambda g, p: (g / total_weight).astype(p.dtype), total, params)
-            metrics = jax.tree.map(lambda m: jnp.sum(m * weights) / total_weight, metrics)
-            metrics["tokens"] = jnp.sum(weights)
+            grads = jax.tree.map(lambda g, p: g.astype(p.dtype), total, params)
+            metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
         model = eqx.apply_updates(model, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)

@@ -1,7 +1,9 @@
 """`eqx_models.training`: the chunked LM-head loss equals a naive full-logits loss in value (1e-6 relative)
 and gradient (1e-5), next-token targets match a NumPy reference, z-loss / MoE aux / MTP terms are added as
-documented, and the train step trains (loss falls, gradient accumulation == one full batch, mixed precision
-keeps float32 master weights, donation); `make_optimizer`'s warm-up + cosine schedule matches its formula."""
+documented (also for the Qwen3-Omni thinker's text path, padded, vs its own forward and float64 NumPy), and the
+train step trains (loss falls, gradient accumulation == one full batch, MTP included, mixed precision keeps
+float32 master weights, donation); bad chunk sizes raise; `make_optimizer`'s warm-up + cosine schedule matches its
+formula."""
 
 import math
 
@@ -15,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import eqx_models as em
+from eqx_models.config import Qwen3OmniAudioConfig, Qwen3OmniThinkerTextConfig, Qwen3OmniVisionConfig
 from eqx_models.models.transformer import roll_and_mask_by_segment
 from eqx_models.training import (
     chunked_cross_entropy,
@@ -36,7 +39,10 @@ TINY_MOE = dict(TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_siz
 def _random_model(cfg, seed: int = 0):
     """Our model with NumPy-random parameters (norm scales 1, every other weight N(0, 0.15^2)), built from
     `filter_eval_shape`: the real initialiser compiles for seconds even at this size."""
-    cls = em.Qwen3MoeForCausalLM if isinstance(cfg, em.Qwen3MoeConfig) else em.Qwen3ForCausalLM
+    if isinstance(cfg, em.Qwen3OmniThinkerConfig):
+        cls = em.Qwen3OmniThinkerForConditionalGeneration
+    else:
+        cls = em.Qwen3MoeForCausalLM if isinstance(cfg, em.Qwen3MoeConfig) else em.Qwen3ForCausalLM
     skeleton = eqx.filter_eval_shape(cls, cfg, key=jax.random.key(0))
     rng = np.random.default_rng(seed)
 
@@ -292,6 +298,74 @@ def test_mtp_loss():
     assert_close(loss, metrics["cross_entropy"] + 0.1 * metrics["mtp_loss"], 1e-6, "loss = ce + 0.1 * mtp")
 
 
+def _thinker_config() -> em.Qwen3OmniThinkerConfig:
+    """Tiny Qwen3-Omni thinker (MoE text decoder with interleaved MRoPE; minimal encoders, unused here)."""
+    text = Qwen3OmniThinkerTextConfig(**{k: v for k, v in TINY_MOE.items() if k != "tie_word_embeddings"},
+                                      mrope_section=(2, 1, 1))
+    vision = Qwen3OmniVisionConfig(depth=1, hidden_size=16, intermediate_size=32, num_heads=2, patch_size=4,
+                                   out_hidden_size=32, num_position_embeddings=16, deepstack_visual_indexes=(0,))
+    audio = Qwen3OmniAudioConfig(num_mel_bins=16, encoder_layers=1, encoder_attention_heads=2, encoder_ffn_dim=32,
+                                 d_model=16, max_source_positions=64, downsample_hidden_size=8, output_dim=32)
+    return em.Qwen3OmniThinkerConfig(text_config=text, vision_config=vision, audio_config=audio, audio_token_id=59,
+                                     image_token_id=60, video_token_id=61, audio_start_token_id=62,
+                                     vision_start_token_id=63)
+
+
+def _thinker_reference(model, ids: np.ndarray, seg: np.ndarray):
+    """Float64 NumPy mean cross-entropy over valid next-token targets (`_np_targets`) of the thinker's own
+    logits with `attention_mask = seg`, its router aux loss on that forward, and the target count."""
+    mask = jnp.asarray(seg)
+    logits, aux = eqx.filter_jit(lambda m, i, a: (m(i, attention_mask=a),
+                                                  m.aux_loss(m.forward(i, attention_mask=a).stats)))(
+        model, jnp.asarray(ids), mask)
+    targets, valid = _np_targets(ids, seg, 1)
+    xent, _, _ = _np_xent(np.asarray(logits), targets, valid)
+    return xent / valid.sum(), float(aux), float(valid.sum())
+
+
+@pytest.mark.slow
+def test_thinker_loss_adds_router_aux_loss():
+    """Qwen3-Omni thinker (loss settings under `config.text_config`), no padding: `moe_aux_loss` = its
+    `aux_loss` of the forward stats (1e-6), cross-entropy = float64 NumPy over its logits (1e-5), and loss =
+    ce + router_aux_loss_coef (0.5) * aux (1e-5)."""
+    model = _random_model(_thinker_config(), seed=6)
+    ids = np.asarray(_batch(seed=4)["input_ids"])
+    loss, metrics = eqx.filter_jit(lambda m, i: lm_loss(m, {"input_ids": i}, chunk_size=8))(model, jnp.asarray(ids))
+    ce, aux, tokens = _thinker_reference(model, ids, np.ones_like(ids))
+    assert aux > 0.5
+    assert float(metrics["tokens"]) == tokens
+    assert_close(metrics["moe_aux_loss"], aux, 1e-6, "thinker moe_aux_loss metric")
+    assert_close(metrics["cross_entropy"], ce, 1e-5, "thinker cross-entropy vs NumPy")
+    assert_close(loss, ce + 0.5 * aux, 1e-5, "thinker loss = ce + 0.5 * aux")
+
+
+@pytest.mark.slow
+def test_thinker_loss_padded_batch_under_jit():
+    """Thinker text path under `jit` + `value_and_grad`, with segment_ids as its attention mask (full, left-
+    padded, right-padded and interior-padded rows): cross-entropy and loss equal float64 NumPy over its own
+    `attention_mask` forward (1e-5), gradients reach the decoder. Packed rows (segment ids > 1) raise a
+    ValueError eagerly and fail at run time under jit, naming the problem."""
+    model = _random_model(_thinker_config(), seed=7)
+    seg = np.ones((4, SEQ), np.int32)
+    seg[1, :6], seg[2, 15:], seg[3, 8:11] = 0, 0, 0
+    ids = np.asarray(_batch(seed=5, seg=seg)["input_ids"])
+    batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(seg)}
+    run = eqx.filter_jit(eqx.filter_value_and_grad(lambda m, b: lm_loss(m, b, chunk_size=8), has_aux=True))
+    (loss, metrics), grads = run(model, batch)
+    ce, aux, tokens = _thinker_reference(model, ids, seg)
+    assert float(metrics["tokens"]) == tokens
+    assert_close(metrics["cross_entropy"], ce, 1e-5, "padded thinker cross-entropy vs NumPy")
+    assert_close(loss, ce + 0.5 * aux, 1e-5, "padded thinker loss = ce + 0.5 * aux")
+    head = np.asarray(grads.transformer.lm_head.kernel)
+    assert np.isfinite(head).all() and np.abs(head).max() > 0
+    packed = dict(batch, segment_ids=jnp.asarray(_segments()))
+    with pytest.raises(ValueError, match=r"thinker takes segment_ids 0 \(padding\) / 1 \(token\) only.*packed"):
+        lm_loss(model, packed)
+    with pytest.raises(Exception) as info:
+        jax.block_until_ready(run(model, packed))
+    assert "packed rows (segment ids > 1) are not supported" in str(info.value)
+
+
 def test_mtp_depths_run_at_the_main_positions():
     """Depth k = final_norm(layer_k(W_k [norm(e(ids rolled k times)); norm(h_(k-1))])) at the main sequence's
     positions (as MaxText), rebuilt from the model's parts; positions with a gap, where shifted ones would differ."""
@@ -428,6 +502,31 @@ def test_grad_accumulation_with_an_all_padding_micro_batch(sgd_steps, model):
     _check_same_update(sgd_steps, model, _batch(seg=seg))
 
 
+@pytest.mark.slow
+def test_grad_accumulation_with_mtp_equals_full_batch(sgd_steps):
+    """MTP model, grad_accum_steps=2 vs 1 on a batch whose micro-batches hold different main and MTP target
+    counts (rows 0-1: 20 + 14 main, 19 + 13 MTP; rows 2-3: 4 + 12, 3 + 9): loss, cross_entropy, mtp_loss (sum of
+    MTP token losses over all MTP targets, as MaxText), tokens and grad_norm agree to 1e-6; the update to
+    5e-6 of the whole gradient's scale and 1e-4 per leaf (float32 sums in another order: leaves with heavy
+    cancellation, such as norm scales, differ by ~1e-5 even between row permutations of the full batch)."""
+    model = _random_model(em.Qwen3Config(**TINY, mtp_num_layers=1), seed=8)
+    seg = np.zeros((4, SEQ), np.int32)
+    seg[0, :] = 1
+    seg[1, 6:] = 1
+    seg[2, 16:] = 1
+    seg[3, :5], seg[3, 5:] = 1, 2
+    full, full_metrics = _sgd_step(sgd_steps, model, _batch(seed=6, seg=seg), 1)
+    accum, accum_metrics = _sgd_step(sgd_steps, model, _batch(seed=6, seg=seg), 2)
+    assert set(accum_metrics) == set(full_metrics) >= {"loss", "cross_entropy", "mtp_loss", "tokens", "grad_norm"}
+    for name in sorted(full_metrics):
+        assert_close(accum_metrics[name], full_metrics[name], 1e-6, f"metric {name}, accum 2 vs full batch")
+    flat = [np.concatenate([x.ravel() for x in jax.tree.leaves(d)]) for d in (accum, full)]
+    assert_close(*flat, 5e-6, "whole update, accum 2 vs full batch")
+    for (path, a), (_, f) in zip(jax.tree_util.tree_leaves_with_path(accum),
+                                 jax.tree_util.tree_leaves_with_path(full), strict=True):
+        assert_close(a, f, 1e-4, f"update {jax.tree_util.keystr(path)}, accum 2 vs full batch")
+
+
 def test_grad_accumulation_bad_batch(model):
     """A batch not divisible by grad_accum_steps, or grad_accum_steps < 1, raises ValueError."""
     opt = optax.sgd(1.0)
@@ -453,6 +552,20 @@ def test_mixed_precision_keeps_float32_params(trained, sgd_steps, model):
     rel = abs(losses[0] - float(f32["loss"])) / float(f32["loss"])
     print(f"bf16 vs f32 first loss: {losses[0]:.6f} vs {float(f32['loss']):.6f} (rel {rel:.2e})")
     assert 1e-5 < rel < 5e-2
+
+
+@pytest.mark.parametrize("chunk_size", [0, -3])
+def test_bad_chunk_size_raises(model, chunk_size):
+    """A chunk size below 1 raises a ValueError naming chunk_size (not a ZeroDivisionError), wherever it is
+    passed: `chunked_cross_entropy`, `lm_loss`, and `make_train_step`'s loss keywords (when the step is made)."""
+    match = f"chunk_size must be a positive int .*, got {chunk_size}"
+    with pytest.raises(ValueError, match=match):
+        chunked_cross_entropy(lambda x: x, jnp.zeros((1, 4, 8), jnp.float32), jnp.zeros((1, 4), jnp.int32),
+                              jnp.ones((1, 4), bool), chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=match):
+        lm_loss(model, _batch(), chunk_size=chunk_size)
+    with pytest.raises(ValueError, match=match):
+        make_train_step(optax.sgd(1.0), chunk_size=chunk_size)
 
 
 # ----------------------------------------------------------------------------------------- optimizer
