@@ -138,14 +138,15 @@ class Qwen3Config:
     def __hash__(self) -> int:
         return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
 
+    def _default_layer_types(self) -> tuple[str, ...]:
+        """HF Qwen3: sliding attention on layers `>= max_window_layers` when `use_sliding_window`."""
+        return tuple("sliding_attention" if self.use_sliding_window and i >= self.max_window_layers
+                     else "full_attention" for i in range(self.num_hidden_layers))
+
     def _set_layer_types(self) -> None:
-        """HF Qwen3: `layer_types` as given, else sliding attention on layers `>= max_window_layers` when
-        `use_sliding_window`; sliding layers need `use_sliding_window` (HF has no window without it)."""
-        if self.layer_types is None:
-            types = tuple("sliding_attention" if self.use_sliding_window and i >= self.max_window_layers
-                          else "full_attention" for i in range(self.num_hidden_layers))
-        else:
-            types = tuple(self.layer_types)
+        """`layer_types` as given, else the default; sliding layers need `use_sliding_window` (HF has no window
+        without it)."""
+        types = self._default_layer_types() if self.layer_types is None else tuple(self.layer_types)
         allowed = ("full_attention", "sliding_attention")
         if len(types) != self.num_hidden_layers or set(types) - set(allowed):
             raise ValueError(
@@ -159,6 +160,10 @@ class Qwen3Config:
         return self.layer_types[layer] == "sliding_attention"
 
     def replace(self, **changes: Any) -> "Qwen3Config":
+        """`dataclasses.replace`; `layer_types` that are the default pattern follow the new fields (a changed
+        `num_hidden_layers`, say) instead of being carried over."""
+        if "layer_types" not in changes and self.layer_types == self._default_layer_types():
+            changes = {**changes, "layer_types": None}
         return dataclasses.replace(self, **changes)
 
     @classmethod
@@ -251,10 +256,12 @@ class Qwen3MoeConfig(Qwen3Config):
 
     __hash__ = Qwen3Config.__hash__  # the dataclass decorator would otherwise replace it
 
-    def _set_layer_types(self) -> None:
+    def _default_layer_types(self) -> tuple[str, ...]:
         """HF Qwen3-MoE has no per-layer types: with `use_sliding_window` every layer slides."""
-        kind = "sliding_attention" if self.use_sliding_window else "full_attention"
-        types = (kind,) * self.num_hidden_layers
+        return ("sliding_attention" if self.use_sliding_window else "full_attention",) * self.num_hidden_layers
+
+    def _set_layer_types(self) -> None:
+        types = self._default_layer_types()
         if self.layer_types is not None and tuple(self.layer_types) != types:
             raise ValueError(f"{type(self).__name__} slides every layer or none (use_sliding_window); layer_types "
                              f"{list(self.layer_types)} cannot mix them")
@@ -337,14 +344,14 @@ class Qwen3NextConfig(Qwen3MoeConfig):
 
     __hash__ = Qwen3Config.__hash__
 
-    def _set_layer_types(self) -> None:
+    def _default_layer_types(self) -> tuple[str, ...]:
         _positive(self, "full_attention_interval")
-        if self.layer_types is None:
-            interval = self.full_attention_interval
-            layer_types = tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention"
-                                for i in range(self.num_hidden_layers))
-        else:
-            layer_types = tuple(self.layer_types)
+        interval = self.full_attention_interval
+        return tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention"
+                     for i in range(self.num_hidden_layers))
+
+    def _set_layer_types(self) -> None:
+        layer_types = self._default_layer_types() if self.layer_types is None else tuple(self.layer_types)
         if len(layer_types) != self.num_hidden_layers or set(layer_types) - set(LAYER_TYPES):
             raise ValueError(
                 f"layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, got {list(layer_types)}"

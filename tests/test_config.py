@@ -257,3 +257,18 @@ def test_config_is_a_static_field_jit_does_not_recompile(moe, rope_scaling):
     assert len(traces) == 1
     forward(m3, ids)
     assert len(traces) == 2
+
+
+def test_replace_rederives_default_layer_types():
+    """`replace` re-derives `layer_types` that were the default pattern (fewer layers, a window switched on) and
+    keeps given ones, which must then still fit."""
+    assert em.Qwen3Config(num_hidden_layers=4).replace(num_hidden_layers=2).layer_types == ("full_attention",) * 2
+    moe = em.Qwen3MoeConfig(num_hidden_layers=4).replace(num_hidden_layers=2, use_sliding_window=True, sliding_window=3)
+    assert moe.layer_types == ("sliding_attention",) * 2
+    assert em.Qwen3NextConfig(num_hidden_layers=8).replace(num_hidden_layers=4).layer_types == (
+        "linear_attention", "linear_attention", "linear_attention", "full_attention")
+    given = em.Qwen3Config(num_hidden_layers=2, use_sliding_window=True, sliding_window=4,
+                           layer_types=("sliding_attention", "full_attention"))
+    assert given.replace(sliding_window=8).layer_types == ("sliding_attention", "full_attention")
+    with pytest.raises(ValueError, match="layer_types must list 3 entries"):
+        given.replace(num_hidden_layers=3)
