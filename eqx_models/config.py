@@ -73,6 +73,7 @@ class Qwen3Config:
 
     model_type: ClassVar[str] = "qwen3"
     architecture: ClassVar[str] = "Qwen3ForCausalLM"
+    hf_default_theta: ClassVar[float] = 10_000.0  # what transformers uses when config.json names no rope_theta
 
     vocab_size: int = 151936
     hidden_size: int = 1024
@@ -184,8 +185,8 @@ class Qwen3Config:
         for name in ("mlp_only_layers", "layer_types"):
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
-        if theta is not None:
-            kwargs["rope_theta"] = float(theta) if _is_a(theta, float) else theta
+        theta = cls.hf_default_theta if theta is None else theta
+        kwargs["rope_theta"] = float(theta) if _is_a(theta, float) else theta
         kwargs["rope_scaling"] = None if rope_type == "default" else rope
         if kwargs.get("head_dim") is None:
             absent = [name for name in ("hidden_size", "num_attention_heads")
@@ -599,6 +600,7 @@ class Qwen3OmniThinkerTextConfig(Qwen3MoeConfig):
     max_position_embeddings: int = 65536
     rope_theta: float = 1_000_000.0
     norm_topk_prob: bool = True  # HF's Qwen3OmniMoeTextConfig default (Qwen3MoeConfig's is False)
+    hf_default_theta: ClassVar[float] = 1_000_000.0
     mrope_section: Sequence[int] = (24, 20, 20)
     mrope_interleaved: bool = True  # HF writes `interleaved`; its rotary is interleaved whatever the flag says
 

@@ -6,6 +6,7 @@ transform each way; loading and saving read the same table. Loading builds a sha
 missing, unexpected and wrongly shaped tensors are all named in one error. Never pickle.
 """
 
+import dataclasses
 import json
 import math
 import os
@@ -425,8 +426,12 @@ def read_config(path: str | os.PathLike, dtype: DTypeLike | None = None, **overr
         saved = data.get("dtype", data.get("torch_dtype"))
         dtype = saved if saved in ("float32", "bfloat16", "float16") else jnp.float32
     name = jnp.dtype(dtype).name
+    cls = MODELS[model_type][0]
+    unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(f"{', '.join(unknown)}: not fields of {cls.__name__}, so they cannot override its config")
     try:
-        return MODELS[model_type][0].from_hf_dict(data, **{"dtype": name, "param_dtype": name, **overrides})
+        return cls.from_hf_dict(data, **{"dtype": name, "param_dtype": name, **overrides})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_file} is not a usable config: {e}") from None
 

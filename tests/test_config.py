@@ -272,3 +272,17 @@ def test_replace_rederives_default_layer_types():
     assert given.replace(sliding_window=8).layer_types == ("sliding_attention", "full_attention")
     with pytest.raises(ValueError, match="layer_types must list 3 entries"):
         given.replace(num_hidden_layers=3)
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (em.Qwen3Config, transformers.Qwen3Config), (em.Qwen3MoeConfig, transformers.Qwen3MoeConfig),
+    (em.Qwen3NextConfig, transformers.Qwen3NextConfig),
+    (em.config.Qwen3OmniThinkerTextConfig,
+     transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe.Qwen3OmniMoeTextConfig),
+], ids=["qwen3", "qwen3_moe", "qwen3_next", "omni_text"])
+def test_missing_rope_theta_is_transformers_default(ours, theirs):
+    """A config.json without rope_theta / rope_parameters gets transformers' base for that model, not our
+    dataclass default (a checkpoint's shape)."""
+    data = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "head_dim": 128}
+    assert ours.from_hf_dict(data).rope_theta == theirs(**data).rope_parameters["rope_theta"]

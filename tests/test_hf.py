@@ -177,6 +177,9 @@ def test_from_pretrained_config_overrides(tmp_path):
     em.save_pretrained(model, tmp_path)
     loaded = em.from_pretrained(tmp_path, remat_policy="full")
     assert loaded.config.remat_policy == "full" and loaded.transformer.remat_policy == "full"
+    with pytest.raises(ValueError, match="remat_polcy: not fields of Qwen3Config") as error:
+        em.from_pretrained(tmp_path, remat_polcy="full")
+    assert "config.json" not in str(error.value)
 
 
 # ----------------------------------------------------------------------------------------------------------
