@@ -10,12 +10,11 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from eqx_models.models.qwen3_omni import Qwen3OmniThinkerForConditionalGeneration
-from eqx_models.models.transformer import TransformerOutput, roll_and_mask_by_segment
+from eqx_models.models.transformer import roll_and_mask_by_segment
 
 Batch = dict[str, Array]
 
@@ -76,25 +75,6 @@ def _text_config(model: eqx.Module) -> Any:
     return model.config
 
 
-def _forward(
-    model: eqx.Module, batch: Batch, key: PRNGKeyArray | None, inference: bool
-) -> TransformerOutput:
-    """`model.forward` on the batch's tokens; the Qwen3-Omni thinker's text path takes an HF attention mask."""
-    input_ids, segment_ids, positions = batch["input_ids"], batch.get("segment_ids"), batch.get("positions")
-    if not isinstance(model, Qwen3OmniThinkerForConditionalGeneration):
-        return model.forward(input_ids, positions, segment_ids, key=key, inference=inference)
-    attention_mask = None
-    if segment_ids is not None:
-        message = ("the Qwen3-Omni thinker takes segment_ids 0 (padding) / 1 (token) only, as an attention mask: "
-                   "packed rows (segment ids > 1) are not supported")
-        packed = jnp.any(segment_ids > 1)
-        if not isinstance(packed, jax.core.Tracer) and bool(packed):
-            raise ValueError(f"{message}; got ids {np.unique(np.asarray(segment_ids)).tolist()}")
-        attention_mask = (eqx.error_if(segment_ids, packed, message) > 0).astype(jnp.int32)
-    return model.forward(input_ids, attention_mask=attention_mask, position_ids=positions, key=key,
-                         inference=inference)
-
-
 def _targets(
     input_ids: Int[Array, "batch seq"], segment_ids: Int[Array, "batch seq"] | None, depths: int
 ) -> list[tuple[Int[Array, "batch seq"], Bool[Array, "batch seq"]]]:
@@ -130,15 +110,16 @@ def lm_loss(
     load-balancing loss times `router_aux_loss_coef`, and the MTP loss (sum of the MTP token losses over the
     MTP targets) times `mtp_loss_scaling_factor`.
 
-    `batch` holds `input_ids` and optionally `segment_ids` (0 = padding) and `positions`. For the Qwen3-Omni
-    thinker (text only) `segment_ids` become its `attention_mask` and `positions` its `position_ids`.
+    `batch` holds `input_ids` and optionally `segment_ids` (0 = padding) and `positions` (the Qwen3-Omni
+    thinker's text path included).
 
     `normalizers`: the whole batch's `loss_normalizers` when `batch` is one micro-batch of it. Every term is
     then this micro-batch's share of the whole-batch loss (the MoE loss weighted by its share of the tokens),
     so losses, gradients and metrics of the micro-batches add up to the whole batch's.
     """
     _check_chunk_size(chunk_size)
-    out = _forward(model, batch, key, inference)
+    out = model.forward(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
+                        key=key, inference=inference)
     cfg = _text_config(model)
     targets = _targets(batch["input_ids"], batch.get("segment_ids"), len(out.mtp_hidden))
     counts = _counts(targets)

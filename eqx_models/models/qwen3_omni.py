@@ -959,12 +959,21 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         video_second_per_grid: Seconds | None = None,
         use_audio_in_video: bool = False,
         *,
+        positions: Real[Array, "batch seq 3"] | Real[Array, "batch seq"] | None = None,
+        segment_ids: Int[Array, "batch seq"] | None = None,
         key: PRNGKeyArray | None = None,
         inference: bool = True,
     ) -> TransformerOutput:
         """Final-normed hidden states and MoE router statistics of the text decoder (see `__call__`)."""
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}")
+        if positions is not None:
+            if position_ids is not None:
+                raise ValueError("give positions or position_ids (the same thing), not both")
+            position_ids = positions
+        for name, mask in (("attention_mask", attention_mask), ("segment_ids", segment_ids)):
+            if mask is not None and mask.shape != input_ids.shape:
+                raise ValueError(f"{name} {mask.shape} must match input_ids {input_ids.shape}")
+        if attention_mask is not None and segment_ids is not None:
+            raise ValueError("give attention_mask (HF: 1 = token, 0 = padding) or segment_ids (packing), not both")
         embeds, deepstack, audio_valid = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
                                                      video_grid_thw, input_features, feature_attention_mask)
         if position_ids is None:
@@ -974,12 +983,18 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
                     real = attention_mask == 1
                     position_ids = jnp.where(real, jnp.cumsum(real.astype(jnp.int32), axis=-1) - 1, 1)
             else:
+                if segment_ids is not None:
+                    segments = _concrete(segment_ids, "segment_ids")
+                    if segments.max(initial=0) > 1:
+                        raise ValueError("packed rows (segment_ids > 1) with images or videos need position_ids")
+                    attention_mask = (segments != 0).astype(np.int64)
                 audio_lens = None if audio_valid is None else audio_valid.sum(axis=1)
                 position_ids = jnp.asarray(get_rope_index(
                     self.config, input_ids, image_grid_thw, video_grid_thw, attention_mask, use_audio_in_video,
                     audio_lens, video_second_per_grid,
                 )[0])
-        segment_ids = None if attention_mask is None else (attention_mask != 0).astype(jnp.int32)
+        if segment_ids is None and attention_mask is not None:
+            segment_ids = (attention_mask != 0).astype(jnp.int32)
         return self.transformer.forward(input_ids, position_ids, segment_ids, inputs_embeds=embeds,
                                         layer_residuals=deepstack, key=key, inference=inference)
 
@@ -996,6 +1011,9 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         position_ids: Real[Array, "batch seq 3"] | Real[Array, "batch seq"] | None = None,
         video_second_per_grid: Seconds | None = None,
         use_audio_in_video: bool = False,
+        *,
+        positions: Real[Array, "batch seq 3"] | Real[Array, "batch seq"] | None = None,
+        segment_ids: Int[Array, "batch seq"] | None = None,
     ) -> Float[Array, "batch seq vocab"]:
         """Float32 logits `[batch, seq, vocab]`; HF's argument names and layouts.
 
@@ -1008,10 +1026,15 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         Unlike HF, which falls back to 1-D positions when `attention_mask` is None, None here means "no
         padding" and MRoPE positions are still used. Placeholder counts are checked against the encoders'
         outputs when `input_ids` are concrete (under `jit`, mismatches are not detected).
+
+        `positions` / `segment_ids` are the names every model here takes: `positions` is `position_ids`;
+        `segment_ids` (0 = padding, 1, 2, ... packed sequences) replace `attention_mask` and allow packing;
+        text positions then default to the stream index, as for the other models (packed rows with images or
+        videos need `positions`).
         """
         out = self.forward(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                            input_features, feature_attention_mask, attention_mask, position_ids,
-                           video_second_per_grid, use_audio_in_video)
+                           video_second_per_grid, use_audio_in_video, positions=positions, segment_ids=segment_ids)
         return self.transformer.logits(out.hidden)
 
     def logits(self, hidden: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:

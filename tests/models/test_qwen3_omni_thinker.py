@@ -268,6 +268,33 @@ def test_multimodal_logits_match_hf(models):
         assert_close(got[valid], ref[valid], 1e-5, f"thinker logits (image, video, audio, padded; {how})")
 
 
+def test_positions_and_segment_ids_like_every_model(models):
+    """`positions` / `segment_ids` (the library's common names) on the multimodal batch equal HF's
+    `position_ids` / `attention_mask` (0/1 segments); a packed text row equals its documents run alone; both
+    names at once, or packed rows with images and no positions, are ValueErrors."""
+    _, ours = models
+    inputs = _multimodal_inputs()
+    arrays = {k: jnp.asarray(inputs[k], jnp.float32)
+              for k in ("pixel_values", "pixel_values_videos", "input_features")}
+    static = {k: _as_tuples(inputs[k]) for k in _STATIC}
+    ids, mask = jnp.asarray(inputs["input_ids"], jnp.int32), jnp.asarray(inputs["attention_mask"], jnp.int32)
+    hf_names = np.asarray(ours(ids, attention_mask=mask, **arrays, **static))
+    common = np.asarray(ours(ids, segment_ids=mask, **arrays, **static))
+    valid = inputs["attention_mask"].astype(bool)
+    assert_close(common[valid], hf_names[valid], 1e-6, "segment_ids as the attention mask")
+
+    text = jnp.asarray(np.random.default_rng(4).integers(0, 200, (1, 14)), jnp.int32)
+    packed = np.asarray(ours(text, segment_ids=jnp.asarray([[1] * 6 + [2] * 8], jnp.int32)))
+    alone = [np.asarray(ours(text[:, :6]))[0], np.asarray(ours(text[:, 6:]))[0]]
+    assert_close(packed[0], np.concatenate(alone), 1e-5, "packed text row vs its documents alone")
+    with pytest.raises(ValueError, match="give positions or position_ids"):
+        ours(text, positions=jnp.zeros((1, 14), jnp.int32), position_ids=jnp.zeros((1, 14), jnp.int32))
+    with pytest.raises(ValueError, match="give attention_mask .* or segment_ids"):
+        ours(text, attention_mask=jnp.ones((1, 14), jnp.int32), segment_ids=jnp.ones((1, 14), jnp.int32))
+    with pytest.raises(ValueError, match="packed rows .* need position_ids"):
+        ours(ids, segment_ids=mask * jnp.where(jnp.arange(ids.shape[1]) > ids.shape[1] // 2, 2, 1), **arrays, **static)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Generation
 
