@@ -1,8 +1,8 @@
 """`RoutedMoE` forward+backward at Qwen3-30B-A3B shapes (hidden 2048, expert width 768, 128 experts, top-8),
 8192 tokens, bf16 compute: the compute paths ("auto", "sorted", "grouped", "grouped_pallas": interpreted off GPU,
-"dense"), balanced and skewed routing, with and without an expert capacity (dropless: `capacity_factor` none). TFLOP/s counts the expert matmuls of the (token,
-expert) pairs kept (6 * hidden * width flops each forward, 3x that forward+backward); the drop fraction and load
-imbalance are printed beside it.
+"dense"), balanced and skewed routing, with and without an expert capacity (dropless: `capacity_factor` none).
+TFLOP/s counts the expert matmuls of the (token, expert) pairs kept (6 * hidden * width flops each forward, 3x
+that forward+backward); the drop fraction and load imbalance are printed beside it.
 
     python benchmarks/moe.py [--small] [--impls auto sorted grouped grouped_pallas dense]
                              [--routings balanced skewed] [--capacity-factors 1.25 none] [--record]

@@ -312,14 +312,18 @@ def _t(x: Array) -> Array:
     return jnp.swapaxes(x, -1, -2)
 
 
+def _advance(state, u, w, k_out, decay):
+    """One chunk: `V' = U - W S` and the next state `d S + K_out^T V'`."""
+    v_new = u - w @ state
+    return state * decay[..., None, None] + _t(k_out) @ v_new, v_new
+
+
 def _chunk_states(u, w, k_out, chunk_decay, state):
-    """Per chunk c: `V'_c = U_c - W_c S_c`, `S_{c+1} = d_c S_c + K_out_c^T V'_c`; returns `(S_c, V'_c)` for all c
-    and the final state."""
+    """`_advance` over the chunks: `(S_c, V'_c)` for every chunk c, and the final state."""
 
     def step(state, x):
-        u, w, k_out, decay = x
-        v_new = u - w @ state
-        return state * decay[..., None, None] + _t(k_out) @ v_new, (state, v_new)
+        new_state, v_new = _advance(state, *x)
+        return new_state, (state, v_new)
 
     state, (states, v_new) = jax.lax.scan(step, state, (u, w, k_out, chunk_decay))
     return states, v_new, state
@@ -337,10 +341,9 @@ def _chunk_scan(pallas, q_in, intra, u, w, k_out, chunk_decay, state):
         return _pallas_chunk_scan(q_in, intra, u, w, k_out, chunk_decay, state, keep_states=False)
 
     def step(state, x):
-        q_in, intra, u, w, k_out, decay = x
-        v_new = u - w @ state
-        o = q_in @ state + intra @ v_new
-        return state * decay[..., None, None] + _t(k_out) @ v_new, o
+        q_in, intra, *advance = x
+        new_state, v_new = _advance(state, *advance)
+        return new_state, q_in @ state + intra @ v_new
 
     state, o = jax.lax.scan(step, state, (q_in, intra, u, w, k_out, chunk_decay))
     return o, state
