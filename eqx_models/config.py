@@ -37,8 +37,9 @@ def _check_runtime(cfg: Any) -> None:
             raise ValueError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(cfg, name)!r}")
 
 
-def _is_a(value: Any, kind: type) -> bool:
-    """`isinstance` for config fields: an int is also a float, a bool is neither."""
+def is_a(value: Any, kind: type) -> bool:
+    """`isinstance` for config values and counts: any real is a float, any integral (NumPy too) an int, a bool
+    neither."""
     if kind is float:
         return isinstance(value, numbers.Real) and not isinstance(value, bool)
     if kind is int:
@@ -55,7 +56,7 @@ def _check_types(cfg: Any) -> None:
         if not all(kind in (bool, int, float, str, type(None)) for kind in kinds):
             continue
         value = getattr(cfg, field.name)
-        if not any(_is_a(value, kind) for kind in kinds):
+        if not any(is_a(value, kind) for kind in kinds):
             expected = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
             raise ValueError(f"{type(cfg).__name__}.{field.name} must be {expected}, got {value!r}")
 
@@ -74,6 +75,7 @@ class Qwen3Config:
     model_type: ClassVar[str] = "qwen3"
     architecture: ClassVar[str] = "Qwen3ForCausalLM"
     hf_default_theta: ClassVar[float] = 10_000.0  # what transformers uses when config.json names no rope_theta
+    layer_type_choices: ClassVar[tuple[str, ...]] = ("full_attention", "sliding_attention")
 
     vocab_size: int = 151936
     hidden_size: int = 1024
@@ -124,7 +126,7 @@ class Qwen3Config:
             if rope_type not in ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {rope_type!r} is not supported; choose one of {ROPE_TYPES}")
             factor = self.rope_scaling.get("factor")
-            if rope_type != "default" and not (_is_a(factor, float) and factor > 0):
+            if rope_type != "default" and not (is_a(factor, float) and factor > 0):
                 raise ValueError(f"rope_scaling type {rope_type!r} needs a positive number `factor`, got {factor!r}")
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling, rope_type=rope_type))
         if self.use_sliding_window and (self.sliding_window is None or self.sliding_window < 1):
@@ -148,7 +150,7 @@ class Qwen3Config:
         """`layer_types` as given, else the default; sliding layers need `use_sliding_window` (HF has no window
         without it)."""
         types = self._default_layer_types() if self.layer_types is None else tuple(self.layer_types)
-        allowed = ("full_attention", "sliding_attention")
+        allowed = self.layer_type_choices
         if len(types) != self.num_hidden_layers or set(types) - set(allowed):
             raise ValueError(
                 f"layer_types must list {self.num_hidden_layers} entries from {allowed}, got {list(types)}"
@@ -186,11 +188,11 @@ class Qwen3Config:
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
         theta = cls.hf_default_theta if theta is None else theta
-        kwargs["rope_theta"] = float(theta) if _is_a(theta, float) else theta
+        kwargs["rope_theta"] = float(theta) if is_a(theta, float) else theta
         kwargs["rope_scaling"] = None if rope_type == "default" else rope
         if kwargs.get("head_dim") is None:
             absent = [name for name in ("hidden_size", "num_attention_heads")
-                      if not (_is_a(data.get(name), int) and data[name] > 0)]
+                      if not (is_a(data.get(name), int) and data[name] > 0)]
             if absent:
                 raise ValueError(f"without head_dim the config needs a positive int {' and '.join(absent)}")
             kwargs["head_dim"] = data["hidden_size"] // data["num_attention_heads"]
@@ -294,6 +296,7 @@ class Qwen3NextConfig(Qwen3MoeConfig):
 
     model_type: ClassVar[str] = "qwen3_next"
     architecture: ClassVar[str] = "Qwen3NextForCausalLM"
+    layer_type_choices: ClassVar[tuple[str, ...]] = LAYER_TYPES
     ignored_on_load: ClassVar[tuple[str, ...]] = ("mtp.",)  # released checkpoints' MTP head; transformers skips it
 
     hidden_size: int = 2048
@@ -344,20 +347,13 @@ class Qwen3NextConfig(Qwen3MoeConfig):
             raise ValueError(f"gated_delta_impl must be one of {GATED_DELTA_IMPLS}, got {self.gated_delta_impl!r}")
 
     __hash__ = Qwen3Config.__hash__
+    _set_layer_types = Qwen3Config._set_layer_types  # given per-layer types, unlike Qwen3-MoE
 
     def _default_layer_types(self) -> tuple[str, ...]:
         _positive(self, "full_attention_interval")
         interval = self.full_attention_interval
         return tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention"
                      for i in range(self.num_hidden_layers))
-
-    def _set_layer_types(self) -> None:
-        layer_types = self._default_layer_types() if self.layer_types is None else tuple(self.layer_types)
-        if len(layer_types) != self.num_hidden_layers or set(layer_types) - set(LAYER_TYPES):
-            raise ValueError(
-                f"layer_types must list {self.num_hidden_layers} entries from {LAYER_TYPES}, got {list(layer_types)}"
-            )
-        object.__setattr__(self, "layer_types", layer_types)
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3NextConfig":

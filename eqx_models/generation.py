@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int, PRNGKeyArray
 
+from eqx_models.config import is_a
 from eqx_models.layers.embeddings import check_token_ids
 from eqx_models.models.transformer import PromptInputs
 
@@ -46,22 +47,18 @@ def sample_token(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
 def _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab_size):
     if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must be integer [batch, prompt], got {input_ids.dtype}{list(input_ids.shape)}")
     if attention_mask is not None and attention_mask.shape != input_ids.shape:
         raise ValueError(f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}")
-    if not _is_int(max_new_tokens) or max_new_tokens < 1:
+    if not is_a(max_new_tokens, int) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key")
-    if top_k is not None and not (_is_int(top_k) and 0 < top_k <= vocab_size):
+    if top_k is not None and not (is_a(top_k, int) and 0 < top_k <= vocab_size):
         raise ValueError(f"top_k must be an int in [1, {vocab_size}], got {top_k!r}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")

@@ -13,7 +13,6 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
-from eqx_models.models.qwen3_omni import Qwen3OmniThinkerForConditionalGeneration
 from eqx_models.models.transformer import roll_and_mask_by_segment
 
 Batch = dict[str, Array]
@@ -69,10 +68,9 @@ def next_token_targets(
 
 
 def _text_config(model: eqx.Module) -> Any:
-    """The config holding the decoder's loss settings (`num_experts`, `mtp_num_layers`, coefficients)."""
-    if isinstance(model, Qwen3OmniThinkerForConditionalGeneration):
-        return model.config.text_config
-    return model.config
+    """The config holding the decoder's loss settings (`num_experts`, `mtp_num_layers`, coefficients): the Omni
+    thinker's `text_config`, else the model's own."""
+    return getattr(model.config, "text_config", model.config)
 
 
 def _targets(
