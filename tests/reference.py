@@ -33,3 +33,15 @@ def primitive_names(jaxpr) -> list[str]:
                 if hasattr(sub, "eqns"):
                     names += primitive_names(sub)
     return names
+
+
+def numpy_grouped_matmul(x, w, dy, tile_expert, tile_rows):
+    """Float64: per tile `x_t @ w[e]`, `dy_t @ w[e].T`, and `dw[e] = sum over e's tiles of x_t.T @ dy_t`."""
+    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
+    out, dx, dw = np.zeros((x.shape[0], w.shape[2])), np.zeros(x.shape), np.zeros(w.shape)
+    for t, e in enumerate(np.asarray(tile_expert)):
+        rows = slice(t * tile_rows, (t + 1) * tile_rows)
+        out[rows] = x[rows] @ w[e]
+        dx[rows] = dy[rows] @ w[e].T
+        dw[e] += x[rows].T @ dy[rows]
+    return out, dx, dw

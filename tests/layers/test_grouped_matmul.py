@@ -8,19 +8,7 @@ import pytest
 
 from eqx_models.layers.grouped_matmul import grouped_matmul
 from eqx_models.layers.moe import RoutedMoE
-from tests.reference import assert_close, primitive_names
-
-
-def _numpy_grouped(x, w, dy, tile_expert, tile_rows):
-    """Float64: per tile `x_t @ w[e]`, `dy_t @ w[e].T`, and `dw[e] = sum over e's tiles of x_t.T @ dy_t`."""
-    x, w, dy = (np.asarray(a, np.float64) for a in (x, w, dy))
-    out, dx, dw = np.zeros((x.shape[0], w.shape[2])), np.zeros(x.shape), np.zeros(w.shape)
-    for t, e in enumerate(np.asarray(tile_expert)):
-        rows = slice(t * tile_rows, (t + 1) * tile_rows)
-        out[rows] = x[rows] @ w[e]
-        dx[rows] = dy[rows] @ w[e].T
-        dw[e] += x[rows].T @ dy[rows]
-    return out, dx, dw
+from tests.reference import assert_close, numpy_grouped_matmul, primitive_names
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -35,7 +23,7 @@ def test_matches_float64_with_empty_experts(rng, dtype, tol):
 
     out, vjp = jax.vjp(lambda x, w: grouped_matmul(x, w, tile_expert, tile_rows), x, w)
     dx, dw = vjp(dy)
-    ref_out, ref_dx, ref_dw = _numpy_grouped(x, w, dy, tile_expert, tile_rows)
+    ref_out, ref_dx, ref_dw = numpy_grouped_matmul(x, w, dy, tile_expert, tile_rows)
     assert out.dtype == dx.dtype == dw.dtype == dtype
     assert_close(out, ref_out, tol, "grouped matmul output")
     assert_close(dx, ref_dx, tol, "grouped matmul d/dx")
