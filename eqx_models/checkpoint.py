@@ -12,6 +12,7 @@ corresponding `like` leaf. Each step is one orbax checkpoint directory `<directo
 `<step>.orbax-checkpoint-tmp` and renamed once complete, so a crash mid-save leaves the previous steps intact.
 """
 
+import contextlib
 import gc
 import json
 import os
@@ -154,21 +155,38 @@ def _root_cause(error: BaseException) -> str:
     return (str(error).strip().splitlines() or [type(error).__name__])[0][:300]
 
 
-def _quiet_orbax_readers() -> None:
-    """Drop the reports of orbax's reader coroutines that a failed restore leaves suspended: orbax turns their
-    closing (GeneratorExit) into a new exception, which Python prints pages long as "Exception ignored" whenever
-    they are collected. Other unraisable exceptions still reach the previous hook."""
+def _is_orbax_teardown_noise(unraisable) -> bool:
+    """What a failed orbax restore leaves behind once its event loop is closed: the suspended reader coroutines
+    (orbax turns their closing into a new exception) and tensorstore's finished reads calling back into the closed
+    loop ("Event loop is closed", reported with no object)."""
+    if getattr(unraisable.object, "__qualname__", None) == "_read_array_index_and_device_put":
+        return True
+    return unraisable.object is None and str(unraisable.exc_value) == "Event loop is closed"
+
+
+@contextlib.contextmanager
+def _quiet_orbax_teardown():
+    """Keep a failed restore's leftovers (see `_is_orbax_teardown_noise`) from printing pages of tracebacks, some
+    from tensorstore threads after the error is raised. The filter is removed after a successful restore and kept
+    after a failed one; other unraisable exceptions still reach the previous hook."""
     previous = sys.unraisablehook
-    if getattr(previous, "quiets_orbax_readers", False):
+    if getattr(previous, "quiets_orbax_teardown", False):
+        yield
         return
 
     def hook(unraisable) -> None:
-        if getattr(unraisable.object, "__qualname__", None) != "_read_array_index_and_device_put":
+        if not _is_orbax_teardown_noise(unraisable):
             previous(unraisable)
 
-    hook.quiets_orbax_readers = True
+    hook.quiets_orbax_teardown = True
     sys.unraisablehook = hook
-    gc.collect()
+    try:
+        yield
+    except BaseException:
+        gc.collect()
+        raise
+    if sys.unraisablehook is hook:
+        sys.unraisablehook = previous
 
 
 def _storable(leaves: dict) -> dict:
@@ -364,11 +382,11 @@ class Checkpointer:
             target = jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=_default_sharding())
             items["key"] = ocp.args.StandardRestore({"data": target})
         try:
-            restored = manager.restore(step, args=ocp.args.Composite(**items))
+            with _quiet_orbax_teardown():
+                restored = manager.restore(step, args=ocp.args.Composite(**items))
         except Exception as error:  # a damaged step surfaces as whatever tensorstore or orbax raises
             reason, restored = _root_cause(error), None
         if restored is None:
-            _quiet_orbax_readers()
             others = [s for s in steps if s != step]
             way_out = f"delete it to fall back to step {others[-1]}" if others else "no other step to fall back to"
             raise ValueError(f"step {step} in {os.path.join(self.directory, str(step))} cannot be read "

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import types
 
 import equinox as eqx
 import jax
@@ -477,3 +478,31 @@ def test_corrupted_step_is_one_clear_error(tmp_path, model):
     assert f"step 2 in {tmp_path / '2'} cannot be read" in message and "\n" not in message
     assert_bitwise_equal(ckpt.restore(abstract_model(), step=1).model, model)
     ckpt.close()
+
+
+def test_a_failed_restore_drops_only_orbax_teardown_noise(tmp_path, model, monkeypatch):
+    """tensorstore reads that finish after a failed restore call back into orbax's closed event loop; those
+    reports ("Event loop is closed", no object) are dropped, any other unraisable exception still reaches the
+    previous hook, and a successful restore leaves the hook as it was."""
+    seen = []
+    monkeypatch.setattr(sys, "unraisablehook", seen.append)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, model)
+        ckpt.save(2, model)
+        ckpt.restore(abstract_model(), step=1)
+        assert sys.unraisablehook == seen.append
+    data = max((tmp_path / "2" / "model" / "ocdbt.process_0" / "d").iterdir(), key=lambda p: p.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    with Checkpointer(tmp_path) as ckpt, pytest.raises(ValueError, match="cannot be read"):
+        ckpt.restore(abstract_model())
+
+    def report(error, obj):
+        sys.unraisablehook(types.SimpleNamespace(exc_type=type(error), exc_value=error, exc_traceback=None,
+                                                 err_msg=None, object=obj))
+
+    seen.clear()
+    report(RuntimeError("Event loop is closed"), None)
+    report(RuntimeError("Event loop is closed"), "a finalizer")
+    report(RuntimeError("something else"), None)
+    assert [(str(u.exc_value), u.object) for u in seen] == [
+        ("Event loop is closed", "a finalizer"), ("something else", None)]
