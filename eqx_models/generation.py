@@ -79,6 +79,7 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     attention_mask: Int[Array, "batch prompt"] | None = None,
     unroll_layers: bool = True,
+    quantized_cache: bool = False,
     **inputs: object,
 ) -> Int[Array, "batch total"]:
     """`[batch, prompt + max_new_tokens]`: the prompts followed by generated tokens.
@@ -94,6 +95,9 @@ def generate(
     compile). The copy holds the weights a second time during the call; where that does not fit, pass an
     already unrolled model (`eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())`, no copy)
     or `unroll_layers=False`.
+
+    `quantized_cache` stores the attention keys/values as int8 with a float32 scale per (token, head): about half
+    a bf16 cache's memory, at a small cost in accuracy (`KVCache`, `quantize_int8`).
     """
     if not hasattr(model, "init_cache"):
         raise ValueError(
@@ -116,17 +120,19 @@ def generate(
     if unroll_layers:
         model = eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())
     return _generate(model, input_ids.astype(jnp.int32), jnp.asarray(attention_mask, jnp.int32), prompt, key,
-                     int(max_new_tokens), float(temperature), None if top_k is None else int(top_k), top_p, eos)
+                     int(max_new_tokens), float(temperature), None if top_k is None else int(top_k), top_p, eos,
+                     bool(quantized_cache))
 
 
 @eqx.filter_jit
-def _generate(model, input_ids, attention_mask, prompt, key, max_new_tokens, temperature, top_k, top_p, eos):
+def _generate(model, input_ids, attention_mask, prompt, key, max_new_tokens, temperature, top_k, top_p, eos,
+              quantized_cache):
     batch, prompt_len = input_ids.shape
     if prompt is None:
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
         prompt = PromptInputs(None, None, positions, positions[:, -1] + 1)
     decoder = model.transformer
-    cache = model.init_cache(batch, prompt_len + max_new_tokens)
+    cache = model.init_cache(batch, prompt_len + max_new_tokens, quantized=quantized_cache)
     prompt_ids = jnp.where(attention_mask != 0, input_ids, 0)  # any id may pad: none reaches the embedding
     out = decoder.forward(prompt_ids, prompt.positions, attention_mask, cache=cache,
                           inputs_embeds=prompt.inputs_embeds, layer_residuals=prompt.layer_residuals)

@@ -363,6 +363,27 @@ def test_unrolled_layers_equal_the_scan(tiny, tiny_greedy):
     np.testing.assert_array_equal(np.asarray(generate(tiny, ids, 10, unroll_layers=False)), greedy)
 
 
+def test_quantized_cache_generates_with_int8_keys_and_values(tiny, monkeypatch):
+    """`quantized_cache=True` builds the int8 cache and decodes from it: the tokens equal a greedy loop written
+    out by hand over `init_cache(quantized=True)` (prefill, then one token at a time)."""
+    ids = jnp.asarray(np.random.default_rng(7).integers(0, 64, (2, 7)))
+    cache = tiny.init_cache(2, 7 + 6, quantized=True)
+    out = tiny.forward(ids, cache=cache)
+    tokens = [jnp.argmax(tiny.logits(out.hidden[:, -1]), -1)]
+    for step in range(5):
+        positions = jnp.full((2, 1), 7 + step, jnp.int32)
+        out = tiny.forward(tokens[-1][:, None], positions, cache=out.cache)
+        tokens.append(jnp.argmax(tiny.logits(out.hidden[:, 0]), -1))
+    expected = np.concatenate([np.asarray(ids), np.stack(tokens, 1)], axis=1)
+
+    built = []
+    init_cache = type(tiny).init_cache
+    monkeypatch.setattr(type(tiny), "init_cache",
+                        lambda self, *a, **kw: built.append(kw) or init_cache(self, *a, **kw))
+    np.testing.assert_array_equal(np.asarray(generate(tiny, ids, 6, quantized_cache=True)), expected)
+    assert built == [{"quantized": True}]
+
+
 # ------------------------------------------------------------------------------------------------- tracing
 
 
