@@ -150,15 +150,19 @@ def make_optimizer(
     b1: float = 0.9,
     b2: float = 0.95,
     max_grad_norm: float | None = 1.0,
+    weight_decay_mask: Any = None,
 ) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping."""
+    """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping.
+
+    Weight decay applies to every parameter, as in MaxText, unless `weight_decay_mask` (optax's `mask`: a pytree
+    of bools shaped like the parameters, or a function of them returning one) says where it applies."""
     if warmup_steps > 0:
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), learning_rate * 0.1
         )
     else:
         schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1), alpha=0.1)
-    adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay)
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask)
     return adamw if max_grad_norm is None else optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
 
 

@@ -623,3 +623,23 @@ def test_weight_decay_is_decoupled():
     lrs = _observed_lrs(opt, 6, grad=0.0, param=3.0)
     expected = np.array([_expected_lr(t, peak, warmup, total) * wd * 3.0 for t in range(6)])
     np.testing.assert_allclose(lrs, expected, rtol=1e-6, atol=1e-12)
+
+
+def test_weight_decay_mask_spares_what_it_excludes():
+    """`weight_decay_mask` (here: not the RMSNorm scales, chosen by path) keeps decay off what it excludes: with
+    zero gradients every norm scale's update is exactly 0 and the embedding's is -lr * wd * param (1e-6)."""
+    model = _random_model(em.Qwen3Config(**TINY))
+    params = _params(model)
+
+    def no_norms(params):
+        keep = lambda path, _: not jax.tree_util.keystr(path).endswith(".scale")  # noqa: E731
+        return jax.tree_util.tree_map_with_path(keep, params)
+
+    peak, wd = 1e-2, 0.1
+    opt = _optimizer(peak, total_steps=10, weight_decay=wd, max_grad_norm=None, weight_decay_mask=no_norms)
+    updates, _ = opt.update(jax.tree.map(jnp.zeros_like, params), opt.init(params), params)
+    scales = [leaf for path, leaf in jax.tree_util.tree_leaves_with_path(updates)
+              if jax.tree_util.keystr(path).endswith(".scale")]
+    assert scales and not any(np.any(np.asarray(s)) for s in scales)
+    assert_close(updates.transformer.embed.embedding,
+                 -peak * wd * np.asarray(model.transformer.embed.embedding, np.float64), 1e-6, "decayed embedding")
