@@ -324,7 +324,7 @@ def generation_models(tmp_path_factory):
 
 
 def _hf_generate(hf, inputs: dict, max_new: int) -> np.ndarray:
-    torch_inputs = {k: torch.tensor(np.asarray(v)) for k, v in inputs.items()}
+    torch_inputs = {k: v if isinstance(v, bool) else torch.tensor(np.asarray(v)) for k, v in inputs.items()}
     with torch.no_grad():
         out = hf.generate(**torch_inputs, max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False,
                           pad_token_id=0, eos_token_id=None)
@@ -332,22 +332,42 @@ def _hf_generate(hf, inputs: dict, max_new: int) -> np.ndarray:
 
 
 def _our_generate(model, inputs: dict, max_new: int, **kwargs) -> np.ndarray:
-    arrays = {k: jnp.asarray(v) for k, v in inputs.items() if k not in _STATIC}
-    static = {k: inputs[k] for k in _STATIC if k in inputs}
+    static_keys = (*_STATIC, "use_audio_in_video")
+    arrays = {k: jnp.asarray(v) for k, v in inputs.items() if k not in static_keys}
+    static = {k: inputs[k] for k in static_keys if k in inputs}
     ids = arrays.pop("input_ids").astype(jnp.int32)
     return np.asarray(em.generate(model, ids, max_new, **arrays, **static, **kwargs))
 
 
+def _tall_audio_in_video_inputs(seed: int = 1):
+    """Row 0: text, then a video (1, 20, 4) with its 30-frame audio track (use_audio_in_video), then one text
+    token: the video's row positions outrun the audio's, so the prompt's largest position is not its last
+    token's."""
+    rng = np.random.default_rng(seed)
+    video, frames = (1, 20, 4), 30
+    ids, mask = _batch([_row(rng, [("text", 2), ("av", (_tokens(video), _audio_tokens(frames))), ("text", 1)])])
+    return dict(input_ids=ids, attention_mask=mask, video_grid_thw=[video], video_second_per_grid=[1.0],
+                pixel_values_videos=rng.standard_normal((int(np.prod(video)), PATCH_DIM)).astype(np.float32),
+                input_features=rng.standard_normal((1, MEL, frames)).astype(np.float32),
+                feature_attention_mask=np.ones((1, frames), np.int64), use_audio_in_video=True)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["multimodal", "text"])
+@pytest.mark.parametrize("case", ["multimodal", "tall-audio-in-video", "text"])
 def test_greedy_generate_matches_hf(generation_models, case):
     """Greedy `generate` == HF `generate(do_sample=False)` token for token: a left-padded batch with two images
-    of different grids, a video and two audio clips (MRoPE prefill positions, DeepStack, decoding on from
-    `real tokens + rope_deltas`), and a left-padded text-only batch; the scanned and the unrolled decoder
+    of different grids, a video and two audio clips (MRoPE prefill positions, DeepStack); an audio-in-video
+    prompt whose largest position comes before its last token (decoding goes on from the last token's
+    positions + 1, as HF extends them); a left-padded text-only batch. The scanned and the unrolled decoder
     agree."""
     hf, ours = generation_models
     if case == "multimodal":
         inputs = _multimodal_inputs()
+    elif case == "tall-audio-in-video":
+        inputs = _tall_audio_in_video_inputs()
+        positions, _ = get_rope_index(ours.config, inputs["input_ids"], None, inputs["video_grid_thw"],
+                                      inputs["attention_mask"], True, [30], [1.0])
+        assert positions[0].max() > positions[0, -1].max(), "the case needs a largest position before the end"
     else:
         rng = np.random.default_rng(5)
         ids, mask = _batch([_row(rng, [("text", 11)]), _row(rng, [("text", 6)])])
@@ -355,16 +375,17 @@ def test_greedy_generate_matches_hf(generation_models, case):
     ref = _hf_generate(hf, inputs, GEN_NEW)
     got = _our_generate(ours, inputs, GEN_NEW)
     prompt = inputs["input_ids"].shape[1]
-    assert got.shape == ref.shape == (2, prompt + GEN_NEW)
+    assert got.shape == ref.shape == (len(inputs["input_ids"]), prompt + GEN_NEW)
     for row in got[:, prompt:]:
         assert len(set(row.tolist())) > 3, "degenerate greedy output: the test would be weak"
     np.testing.assert_array_equal(got, ref)
     np.testing.assert_array_equal(_our_generate(ours, inputs, GEN_NEW, unroll_layers=False), ref)
 
 
-def test_prompt_inputs_continue_from_rope_deltas(models):
+def test_prompt_inputs_match_the_forward(models):
     """`prompt_inputs`: the merged embeddings and DeepStack residuals are the forward's (the logits from them
-    equal the model's), positions are `get_rope_index`'s, and each row continues at real tokens + delta."""
+    equal the model's), positions are `get_rope_index`'s, and each row continues at real tokens + delta (here
+    the last token holds the largest position)."""
     _, ours = models
     inputs = _multimodal_inputs()
     kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
@@ -376,7 +397,8 @@ def test_prompt_inputs_continue_from_rope_deltas(models):
         audio_seqlens=inputs["feature_attention_mask"].sum(axis=1), second_per_grids=inputs["video_second_per_grid"],
     )
     np.testing.assert_array_equal(prompt.positions, positions)
-    np.testing.assert_array_equal(prompt.next_positions, inputs["attention_mask"].sum(axis=1) + deltas[:, 0])
+    expected = inputs["attention_mask"].sum(axis=1) + deltas[:, 0]
+    np.testing.assert_array_equal(prompt.next_positions, np.repeat(expected[:, None], 3, axis=1))
     assert prompt.layer_residuals.shape == (3, *ids.shape, 64)
     segments = jnp.asarray(inputs["attention_mask"], jnp.int32)
     hidden = ours.transformer.forward(ids, prompt.positions, segments, inputs_embeds=prompt.inputs_embeds,
