@@ -22,7 +22,7 @@ from eqx_models.layers.embeddings import (
 from eqx_models.layers.gated_delta import gated_delta_rule
 from eqx_models.layers.kv_cache import KVCache
 from eqx_models.layers.linear import Linear
-from eqx_models.layers.mlp import MLP
+from eqx_models.layers.mlp import MLP, get_activation
 from eqx_models.layers.moe import RoutedMoE, RouterStats, router_aux_loss
 from eqx_models.layers.norms import GatedRMSNorm, RMSNorm
 from eqx_models.models.transformer import (
@@ -301,6 +301,7 @@ class Qwen3NextGatedDeltaNet(eqx.Module):
     value_dim: int = eqx.field(static=True)
     impl: str = eqx.field(static=True)
     chunk_size: int = eqx.field(static=True)
+    activation: str = eqx.field(static=True)
     dtype: jnp.dtype = eqx.field(static=True)
 
     def __init__(self, cfg: Qwen3NextConfig, *, key: PRNGKeyArray):
@@ -308,6 +309,7 @@ class Qwen3NextGatedDeltaNet(eqx.Module):
         dk, dv, r = cfg.linear_key_head_dim, cfg.linear_value_head_dim, hv // hk
         self.num_key_heads, self.num_heads, self.key_dim, self.value_dim = hk, hv, dk, dv
         self.impl, self.chunk_size, self.dtype = cfg.gated_delta_impl, cfg.gated_delta_chunk_size, jnp.dtype(cfg.dtype)
+        self.activation = cfg.hidden_act  # after the conv, as HF; the output gate stays SiLU
         dtypes = dict(dtype=cfg.dtype, param_dtype=cfg.param_dtype)
         k_qkvz, k_ba, k_conv, k_a, k_out = jax.random.split(key, 5)
         self.in_proj_qkvz = Linear(cfg.hidden_size, (hk, 2 * dk + 2 * r * dv), key=k_qkvz, **dtypes)
@@ -350,7 +352,7 @@ class Qwen3NextGatedDeltaNet(eqx.Module):
 
         mixed = jnp.concatenate([q.reshape(batch, seq, -1), k.reshape(batch, seq, -1), v.reshape(batch, seq, -1)], -1)
         mixed, conv_state = self.conv(mixed, state.conv, reset=starts)
-        mixed = jax.nn.silu(mixed)
+        mixed = get_activation(self.activation)(mixed)
         q = mixed[..., : hk * dk].reshape(batch, seq, hk, dk)
         k = mixed[..., hk * dk : 2 * hk * dk].reshape(batch, seq, hk, dk)
         v = mixed[..., 2 * hk * dk :].reshape(batch, seq, hv, dv)

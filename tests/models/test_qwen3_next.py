@@ -36,9 +36,9 @@ HF_NEXT = dict(
 # (id, HF overrides, expected (scannable-block period, repeats))
 CASES = [
     ("pattern-lll-f-ratio2", dict(), (4, 1)),
-    ("pattern-lf-ratio1-dense-layers", dict(
+    ("pattern-lf-ratio1-dense-layers-gelu", dict(
         num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2, linear_num_value_heads=2,
-        mlp_only_layers=[1, 3]), (2, 2)),
+        mlp_only_layers=[1, 3], hidden_act="gelu"), (2, 2)),
     ("pattern-llf-x2-ratio2-sparse2-tied", dict(
         num_hidden_layers=6, layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
         decoder_sparse_step=3, tie_word_embeddings=True, norm_topk_prob=False, num_key_value_heads=4), (3, 2)),
