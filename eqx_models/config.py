@@ -75,6 +75,7 @@ class Qwen3Config:
     model_type: ClassVar[str] = "qwen3"
     architecture: ClassVar[str] = "Qwen3ForCausalLM"
     hf_default_theta: ClassVar[float] = 10_000.0  # what transformers uses when config.json names no rope_theta
+    hf_default_head_dim: ClassVar[int | None] = 128  # ... and no head_dim (None: hidden_size // heads)
     layer_type_choices: ClassVar[tuple[str, ...]] = ("full_attention", "sliding_attention")
 
     vocab_size: int = 151936
@@ -187,10 +188,14 @@ class Qwen3Config:
         for name in ("mlp_only_layers", "layer_types"):
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
+        if "mlp_only_layers" in kwargs and kwargs["mlp_only_layers"] is None:  # HF reads null as []
+            kwargs["mlp_only_layers"] = ()
         theta = cls.hf_default_theta if theta is None else theta
         kwargs["rope_theta"] = float(theta) if is_a(theta, float) else theta
         kwargs["rope_scaling"] = None if rope_type == "default" else rope
-        if kwargs.get("head_dim") is None:
+        if kwargs.get("head_dim") is None and cls.hf_default_head_dim is not None:
+            kwargs["head_dim"] = cls.hf_default_head_dim
+        elif kwargs.get("head_dim") is None:
             absent = [name for name in ("hidden_size", "num_attention_heads")
                       if not (is_a(data.get(name), int) and data[name] > 0)]
             if absent:
@@ -217,6 +222,7 @@ class Qwen3MoeConfig(Qwen3Config):
 
     model_type: ClassVar[str] = "qwen3_moe"
     architecture: ClassVar[str] = "Qwen3MoeForCausalLM"
+    hf_default_head_dim: ClassVar[int | None] = None
 
     vocab_size: int = 151936
     hidden_size: int = 2048
@@ -296,6 +302,7 @@ class Qwen3NextConfig(Qwen3MoeConfig):
 
     model_type: ClassVar[str] = "qwen3_next"
     architecture: ClassVar[str] = "Qwen3NextForCausalLM"
+    hf_default_head_dim: ClassVar[int | None] = 256
     layer_type_choices: ClassVar[tuple[str, ...]] = LAYER_TYPES
     ignored_on_load: ClassVar[tuple[str, ...]] = ("mtp.",)  # released checkpoints' MTP head; transformers skips it
 

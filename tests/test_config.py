@@ -82,9 +82,9 @@ def test_wrongly_typed_field_is_named(cls, field, value, expected):
 
 
 def test_from_hf_dict_without_head_dim_names_the_missing_field():
-    data = {k: v for k, v in TINY.items() if k not in ("head_dim", "num_attention_heads")}
+    data = {k: v for k, v in TINY_MOE.items() if k not in ("head_dim", "num_attention_heads")}
     with pytest.raises(ValueError, match="num_attention_heads"):
-        em.Qwen3Config.from_hf_dict(data)
+        em.Qwen3MoeConfig.from_hf_dict(data)
 
 
 def test_configs_are_frozen():
@@ -286,3 +286,23 @@ def test_missing_rope_theta_is_transformers_default(ours, theirs):
     data = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
             "num_key_value_heads": 2, "head_dim": 128}
     assert ours.from_hf_dict(data).rope_theta == theirs(**data).rope_parameters["rope_theta"]
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (em.Qwen3Config, transformers.Qwen3Config), (em.Qwen3MoeConfig, transformers.Qwen3MoeConfig),
+    (em.Qwen3NextConfig, transformers.Qwen3NextConfig),
+    (em.config.Qwen3OmniThinkerTextConfig,
+     transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe.Qwen3OmniMoeTextConfig),
+], ids=["qwen3", "qwen3_moe", "qwen3_next", "omni_text"])
+def test_missing_head_dim_and_null_mlp_only_layers_read_as_transformers_does(ours, theirs):
+    """Without head_dim, transformers' attention uses its config class default (Qwen3 128, Qwen3-Next 256) or,
+    where the class declares none, hidden_size // num_attention_heads; `mlp_only_layers: null` is []."""
+    data = {"vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
+            "num_key_value_heads": 2, "mlp_only_layers": None}
+    if ours is em.config.Qwen3OmniThinkerTextConfig:  # its sections must fill head_dim / 2 = 4
+        data["rope_parameters"] = {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 1, 1]}
+    hf = theirs(**data)
+    cfg = ours.from_hf_dict(data)
+    assert cfg.head_dim == getattr(hf, "head_dim", 32 // 4)
+    if hasattr(cfg, "mlp_only_layers"):
+        assert list(cfg.mlp_only_layers) == list(hf.mlp_only_layers) == []
