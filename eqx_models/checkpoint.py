@@ -333,12 +333,8 @@ class Checkpointer:
             self._in_flight = None
         return steps
 
-    def restore(self, like_model: eqx.Module, like_opt_state=None, *, step: int | None = None) -> Restored:
-        """Restore `step` (default: latest) into the structure of `like_model` (and `like_opt_state`).
-
-        Each array lands with the dtype and sharding of the matching `like` leaf (on the default device for
-        abstract leaves without a sharding); non-array leaves come from `like`.
-        """
+    def _record(self, step: int | None) -> tuple[int, list[int], dict]:
+        """`(step, all steps, our metadata record of step)`; `step` None is the latest."""
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoint found in {self.directory}")
@@ -351,11 +347,27 @@ class Checkpointer:
         manager.wait_until_finished()
         try:
             record = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
-        except (FileNotFoundError, KeyError, ValueError):
+        except (FileNotFoundError, KeyError):
             record = None
+        except Exception as error:  # our metadata is there but truncated, garbled or unreadable
+            raise self._unreadable(step, steps, _root_cause(error)) from None
         if not isinstance(record, dict) or record.get("format_version") != _FORMAT_VERSION:
             raise ValueError(f"step {step} in {self.directory} was not written by eqx_models.Checkpointer")
+        return step, steps, record
 
+    def has_opt_state(self, step: int | None = None) -> bool:
+        """Whether `step` (default: latest) holds an optimizer state; a step saved with the model alone (as
+        `eqx-models convert` writes one) does not."""
+        return self._record(step)[2]["opt_state"] is not None
+
+    def restore(self, like_model: eqx.Module, like_opt_state=None, *, step: int | None = None) -> Restored:
+        """Restore `step` (default: latest) into the structure of `like_model` (and `like_opt_state`).
+
+        Each array lands with the dtype and sharding of the matching `like` leaf (on the default device for
+        abstract leaves without a sharding); non-array leaves come from `like`.
+        """
+        step, steps, record = self._record(step)
+        manager = self._open()
         model_leaves = _array_leaves(like_model)
         problems = [f"model: {p}" for p in _mismatches(model_leaves, record["model"])]
         opt_leaves = {}
@@ -387,10 +399,7 @@ class Checkpointer:
         except Exception as error:  # a damaged step surfaces as whatever tensorstore or orbax raises
             reason, restored = _root_cause(error), None
         if restored is None:
-            others = [s for s in steps if s != step]
-            way_out = f"delete it to fall back to step {others[-1]}" if others else "no other step to fall back to"
-            raise ValueError(f"step {step} in {os.path.join(self.directory, str(step))} cannot be read "
-                             f"({reason}); {way_out}")
+            raise self._unreadable(step, steps, reason)
 
         model = _rebuild(like_model, restored.model)
         opt_state = None
@@ -402,6 +411,13 @@ class Checkpointer:
             if "prng_impl" in saved_key:
                 key = jax.random.wrap_key_data(key, impl=saved_key["prng_impl"])
         return Restored(model, opt_state, step, key, record["metadata"])
+
+    def _unreadable(self, step: int, steps: list[int], reason: str) -> ValueError:
+        """The one-line error for a damaged `step`, naming its folder and the step to fall back to."""
+        others = [s for s in steps if s != step]
+        way_out = f"delete it to fall back to step {others[-1]}" if others else "no other step to fall back to"
+        folder = os.path.join(self.directory, str(step))
+        return ValueError(f"step {step} in {folder} cannot be read ({reason}); {way_out}")
 
     def close(self) -> None:
         """Wait for a pending save and release orbax's resources."""

@@ -171,6 +171,15 @@ def test_restore_into_abstract_model_without_opt_state(tmp_path, model):
     assert_bitwise_equal(restored.model, model)
 
 
+def test_has_opt_state_tells_model_only_steps_apart(tmp_path, model):
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, model)
+        ckpt.save(2, model, optax.sgd(0.1, momentum=0.9).init(eqx.filter(model, eqx.is_array)))
+        assert ckpt.has_opt_state() and ckpt.has_opt_state(step=2) and not ckpt.has_opt_state(step=1)
+        with pytest.raises(ValueError, match="step 3 not found"):
+            ckpt.has_opt_state(step=3)
+
+
 def test_restore_lands_in_like_sharding(tmp_path, model):
     device = jax.devices()[0]
     mesh = jax.sharding.Mesh(np.array([device]), ("data",))
@@ -476,6 +485,26 @@ def test_corrupted_step_is_one_clear_error(tmp_path, model):
         ckpt.restore(abstract_model())
     message = str(error.value)
     assert f"step 2 in {tmp_path / '2'} cannot be read" in message and "\n" not in message
+    assert_bitwise_equal(ckpt.restore(abstract_model(), step=1).model, model)
+    ckpt.close()
+
+
+def test_corrupted_metadata_is_the_same_clear_error(tmp_path, model):
+    """A step whose metadata file is truncated is reported as unreadable with the way out, like damaged arrays;
+    a step folder with no metadata of ours at all is reported as not written by the Checkpointer."""
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, model)
+    metadata = tmp_path / "3" / "metadata" / "metadata"
+    metadata.write_text(metadata.read_text()[:20])
+    (tmp_path / "2" / "metadata" / "metadata").unlink()
+    ckpt = Checkpointer(tmp_path)
+    with pytest.raises(ValueError, match="delete it to fall back to step 2") as error:
+        ckpt.restore(abstract_model())
+    message = str(error.value)
+    assert f"step 3 in {tmp_path / '3'} cannot be read (" in message and "\n" not in message
+    with pytest.raises(ValueError, match="step 2 in .* was not written by eqx_models.Checkpointer"):
+        ckpt.restore(abstract_model(), step=2)
     assert_bitwise_equal(ckpt.restore(abstract_model(), step=1).model, model)
     ckpt.close()
 
