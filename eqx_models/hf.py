@@ -414,7 +414,8 @@ def read_json(file: Path) -> dict[str, Any]:
 
 def read_config(path: str | os.PathLike, dtype: DTypeLike | None = None, **overrides: Any) -> Any:
     """The config of an HF checkpoint directory, as our config class for its `model_type`, with parameter and
-    compute dtype `dtype` (default: the checkpoint's `dtype`, else float32)."""
+    compute dtype `dtype` (default: the checkpoint's `dtype`, else float32). An unusable result is a ValueError
+    naming config.json when the file alone is at fault, else the keyword argument(s) that are."""
     config_file = Path(path) / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(f"no {CONFIG_FILE} in {path}")
@@ -422,18 +423,33 @@ def read_config(path: str | os.PathLike, dtype: DTypeLike | None = None, **overr
     model_type = data.get("model_type")
     if model_type not in MODELS:
         raise ValueError(f"{config_file}: model_type {model_type!r} is not supported; supported: {sorted(MODELS)}")
-    if dtype is None:
-        saved = data.get("dtype", data.get("torch_dtype"))
-        dtype = saved if saved in ("float32", "bfloat16", "float16") else jnp.float32
-    name = jnp.dtype(dtype).name
+    saved = data.get("dtype", data.get("torch_dtype"))
+    saved = saved if saved in ("float32", "bfloat16", "float16") else "float32"
     cls = MODELS[model_type][0]
     unknown = sorted(set(overrides) - {field.name for field in dataclasses.fields(cls)})
     if unknown:
         raise ValueError(f"{', '.join(unknown)}: not fields of {cls.__name__}, so they cannot override its config")
+    keywords = overrides if dtype is None else {"dtype": dtype, **overrides}
+
+    def build(given: dict[str, Any]) -> Any:
+        name = jnp.dtype(given.get("dtype", saved)).name
+        return cls.from_hf_dict(data, **{"param_dtype": name, **given, "dtype": name})
+
     try:
-        return cls.from_hf_dict(data, **{"dtype": name, "param_dtype": name, **overrides})
+        return build(keywords)
+    except (TypeError, ValueError) as e:
+        error = e
+    try:
+        build({})
     except (TypeError, ValueError) as e:
         raise ValueError(f"{config_file} is not a usable config: {e}") from None
+    # the file is fine, so the keyword arguments are to blame: name the one that fails alone, else all of them
+    for keyword, value in keywords.items():
+        try:
+            build({keyword: value})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"from_pretrained({keyword}=...): {e}") from None
+    raise ValueError(f"from_pretrained({'=..., '.join(keywords)}=...): {error}") from None
 
 
 class _Tensors:

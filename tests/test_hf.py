@@ -236,7 +236,8 @@ def test_sharded_checkpoint_reads_only_the_indexed_shards(tmp_path):
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (lambda c: [c.pop("num_attention_heads"), c.pop("head_dim")], "num_attention_heads"),
+        (lambda c: [c.pop("num_attention_heads"), c.pop("head_dim"), c.update(model_type="qwen3_moe")],
+         "num_attention_heads"),  # dense Qwen3 has transformers' head_dim default; MoE needs hidden // heads
         (lambda c: c.update(rms_norm_eps="1e-6"), "rms_norm_eps"),
         (lambda c: c.update(tie_word_embeddings="false"), "tie_word_embeddings"),
         (lambda c: c.update(rope_parameters={"rope_type": "yarn", "rope_theta": 1e4}), "factor"),
@@ -252,6 +253,31 @@ def test_bad_config_field_names_file_and_field(saved, edit, message):
     with pytest.raises(ValueError, match=message) as excinfo:
         em.from_pretrained(path)
     assert str(path / "config.json") in str(excinfo.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (dict(dtype=jnp.int32), r"from_pretrained\(dtype=\.\.\.\): dtype must be .*, got 'int32'"),
+        (dict(remat_policy="bogus"), r"from_pretrained\(remat_policy=\.\.\.\): remat_policy must be .*'bogus'"),
+        (dict(remat_policy="full", num_attention_heads=6, num_key_value_heads=4),
+         r"from_pretrained\(remat_policy=\.\.\., num_attention_heads=\.\.\., num_key_value_heads=\.\.\.\): "
+         r"num_attention_heads \(6\) must be divisible by num_key_value_heads \(4\)"),
+    ],
+    ids=["dtype", "remat-policy", "only-together"],
+)
+def test_bad_keyword_is_named_not_config_json(saved, overrides, message):
+    """A keyword argument the config rejects is named as the culprit (all of them when none fails alone), and
+    config.json is not blamed; a bad config.json is still named as the culprit when keywords are given."""
+    path, _ = saved
+    with pytest.raises(ValueError, match=message) as excinfo:
+        em.from_pretrained(path, **overrides)
+    assert "config.json" not in str(excinfo.value)
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 3}))
+    with pytest.raises(ValueError, match=r"must be divisible by num_key_value_heads \(3\)") as excinfo:
+        em.from_pretrained(path, dtype=jnp.bfloat16, remat_policy="full")
+    assert str(excinfo.value).startswith(f"{path / 'config.json'} is not a usable config: ")
 
 
 def test_config_json_that_is_not_an_object(saved):
