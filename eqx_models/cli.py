@@ -4,15 +4,18 @@ Text is byte-level (token = UTF-8 byte, vocab 256), so nothing needs a tokenizer
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
+import signal
 import sys
+import threading
 import time
 from importlib import resources
 from pathlib import Path
 
 import eqx_models
-from eqx_models.hf import CONFIG_FILE, MODELS, read_json
+from eqx_models.hf import CONFIG_FILE, MODELS, is_checkpoint_file, read_json
 
 CAUSAL_LMS = ("qwen3", "qwen3_moe", "qwen3_next")
 TINY = dict(
@@ -20,6 +23,7 @@ TINY = dict(
     num_key_value_heads=2, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10_000.0,
 )
 RUN_CONFIG = "eqx_models_config.json"
+LOSS_LOG = "losses.jsonl"
 
 
 class CLIError(Exception):
@@ -111,14 +115,32 @@ def _train_config(args: argparse.Namespace, out: Path):
     return saved
 
 
-def _plot_losses(losses: list[float], path: Path) -> None:
+def _loss_history(path: Path, upto: int) -> dict[int, float]:
+    """Step -> loss logged in `path` up to step `upto` (the one resumed from), and `path` cut back to those: steps
+    logged after the last save are trained again."""
+    history = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                entry = json.loads(line)
+                step, loss = int(entry["step"]), float(entry["loss"])
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash mid-write
+            if step <= upto:
+                history[step] = loss
+    path.write_text("".join(json.dumps({"step": step, "loss": loss}) + "\n" for step, loss in sorted(history.items())))
+    return history
+
+
+def _plot_losses(history: dict[int, float], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    steps = sorted(history)
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot(range(1, len(losses) + 1), losses)
+    ax.plot(steps, [history[step] for step in steps])
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats / byte)")
     ax.set_title("eqx-models train")
@@ -126,6 +148,38 @@ def _plot_losses(losses: list[float], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+@contextlib.contextmanager
+def _interrupts_held():
+    """Ctrl-C inside waits until the block is done, then raises: a checkpoint is never left half-written or
+    half-pruned."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    pending = []
+    previous = signal.signal(signal.SIGINT, lambda *_: pending.append(True))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pending:
+        raise KeyboardInterrupt
+
+
+def _resume(checkpointer, model, opt_state, quiet: bool):
+    """The latest step of `checkpointer`; a step without optimizer state (one `convert` wrote from HF) gives its
+    model with the fresh `opt_state`, so a converted checkpoint can be fine-tuned."""
+    if checkpointer.has_opt_state():
+        return checkpointer.restore(model, opt_state)
+    import jax
+
+    restored = checkpointer.restore(model)
+    if not quiet:
+        print(f"eqx-models: step {restored.step} in {checkpointer.directory} has no optimizer state (a converted "
+              "checkpoint); starting a fresh one", file=sys.stderr)
+    # committed to a device like the restored model, or the second step compiles again
+    return restored._replace(opt_state=jax.device_put(opt_state, jax.local_devices()[0]))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -164,39 +218,43 @@ def cmd_train(args: argparse.Namespace) -> None:
     optimizer = make_optimizer(args.lr, total_steps=args.steps, warmup_steps=min(50, args.steps // 10))
     opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step_fn = make_train_step(optimizer)
-    checkpointer = Checkpointer(out / "checkpoints", max_to_keep=2)
-    start = 0
-    if not args.resume and checkpointer.latest_step() is not None:
-        raise CLIError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
-    if args.resume and checkpointer.latest_step() is not None:
-        restored = checkpointer.restore(model, opt_state)
-        model, opt_state, start, key = restored.model, restored.opt_state, restored.step, restored.key
-    _save_run_config(out, cfg)
-
     rng = np.random.default_rng(args.seed)
     starts_all = rng.integers(0, data.size - args.seq_len, size=(args.steps, args.batch_size))
     losses: list[float] = []
     tokens_per_step = args.batch_size * args.seq_len
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train", unit="step",
-               disable=args.quiet)
-    tick = time.perf_counter()
-    for step in bar:
-        windows = starts_all[step][:, None] + np.arange(args.seq_len)[None, :]
-        batch = {"input_ids": jnp.asarray(data[windows])}
-        model, opt_state, metrics = step_fn(model, opt_state, batch, jax.random.fold_in(key, step))
-        loss = float(metrics["loss"])
-        losses.append(loss)
-        now = time.perf_counter()
-        bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / max(now - tick, 1e-9):,.0f}")
-        tick = now
-        if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-            checkpointer.save(step + 1, model, opt_state, key=key, metadata={"losses_tail": losses[-10:]})
-    checkpointer.wait()
-    checkpointer.close()
+    with Checkpointer(out / "checkpoints", max_to_keep=2) as checkpointer:
+        start = 0
+        if checkpointer.latest_step() is not None:
+            if not args.resume:
+                raise CLIError(f"{out} already holds checkpoints; pass --resume to continue that run or a new --out")
+            restored = _resume(checkpointer, model, opt_state, args.quiet)
+            model, opt_state, start = restored.model, restored.opt_state, restored.step
+            key = key if restored.key is None else restored.key
+        _save_run_config(out, cfg)
+        history = _loss_history(out / LOSS_LOG, start)
+        with open(out / LOSS_LOG, "a") as log, tqdm(range(start, args.steps), initial=start, total=args.steps,
+                                                     desc="train", unit="step", disable=args.quiet) as bar:
+            tick = time.perf_counter()
+            for step in bar:
+                windows = starts_all[step][:, None] + np.arange(args.seq_len)[None, :]
+                batch = {"input_ids": jnp.asarray(data[windows])}
+                model, opt_state, metrics = step_fn(model, opt_state, batch, jax.random.fold_in(key, step))
+                loss = history[step + 1] = float(metrics["loss"])
+                losses.append(loss)
+                log.write(json.dumps({"step": step + 1, "loss": loss}) + "\n")
+                log.flush()
+                now = time.perf_counter()
+                bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_step / max(now - tick, 1e-9):,.0f}")
+                tick = now
+                if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
+                    with _interrupts_held():
+                        checkpointer.save(step + 1, model, opt_state, key=key,
+                                          metadata={"losses_tail": [history[s] for s in sorted(history)[-10:]]})
     if losses:
-        _plot_losses(losses, out / "loss.png")
-        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {len(losses)} steps; "
-              f"checkpoint in {out / 'checkpoints'}, loss curve in {out / 'loss.png'}")
+        _plot_losses(history, out / "loss.png")
+        span = f"{len(losses)} step{'s' * (len(losses) != 1)}" + (f" after resuming at step {start}" if start else "")
+        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {span}; checkpoint in {out / 'checkpoints'}, "
+              f"loss curve of steps {min(history)}-{max(history)} in {out / 'loss.png'}")
     sample = _generate_text(model, args.prompt, 120, 0.8, args.seed)
     print(f"sample: {args.prompt}{sample}")
 
@@ -237,6 +295,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(args.prompt + _generate_text(model, args.prompt, args.max_new_tokens, args.temperature, args.seed))
 
 
+def _checkpoint_entries(directory: Path) -> list[str]:
+    """The entries of `directory` that belong to an HF checkpoint or an eqx-models run (other files are kept)."""
+    if not directory.is_dir():
+        return []
+    return sorted(entry.name for entry in directory.iterdir()
+                  if is_checkpoint_file(entry.name) or entry.name in (RUN_CONFIG, "checkpoints"))
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from eqx_models.checkpoint import Checkpointer
 
@@ -253,6 +319,10 @@ def cmd_convert(args: argparse.Namespace) -> None:
             checkpointer.save(0, model, force=True)
         print(f"converted HF checkpoint {source} -> eqx-models checkpoint {dest}")
     elif (source / RUN_CONFIG).exists():
+        held = _checkpoint_entries(dest)
+        if held:
+            raise CLIError(f"{dest} already holds a checkpoint ({', '.join(held)}); convert into a new directory "
+                           "or one without a checkpoint")
         eqx_models.save_pretrained(_restore_model(source, _read_run_config(source)), dest)
         print(f"converted eqx-models checkpoint {source} -> HF checkpoint {dest}")
     else:
@@ -303,7 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a tiny Qwen3 on bundled text (byte-level), then sample from it")
     train.add_argument("--steps", type=int, default=300)
-    train.add_argument("--out", default="runs/tiny", help="run directory (checkpoints, loss.png)")
+    train.add_argument("--out", default="runs/tiny", help="run directory (checkpoints, loss.png, losses.jsonl)")
     train.add_argument("--model", default=None, help="'tiny' (the default) or a Qwen3 / Qwen3-MoE / Qwen3-Next "
                        "config.json; with --resume, the run's saved config unless given")
     train.add_argument("--data", default=None, help="a UTF-8 text file (default: the bundled corpus)")
@@ -313,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--save-every", type=int, default=100)
     train.add_argument("--prompt", default="The lamp was lit ")
-    train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    train.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint "
+                       "(one `convert` wrote from HF: its model, with a fresh optimizer state)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(func=cmd_train)
 
@@ -327,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     convert = sub.add_parser("convert", help="HF checkpoint dir <-> eqx-models run dir (direction from the source)")
     convert.add_argument("source")
-    convert.add_argument("dest")
+    convert.add_argument("dest", help="a new or empty directory (from a run to HF: any directory without a "
+                         "checkpoint; its other files are kept)")
     convert.set_defaults(func=cmd_convert)
 
     bench = sub.add_parser("bench", help="run benchmark scripts (one JSON line per measurement)",
@@ -358,6 +430,11 @@ def main(argv: list[str] | None = None) -> int:
     except (CLIError, FileNotFoundError, ValueError) as e:
         print(f"eqx-models: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        hint = (f"; run the same command with --resume to continue from the last checkpoint in "
+                f"{Path(args.out) / 'checkpoints'}" if args.command == "train" else "")
+        print(f"eqx-models: interrupted{hint}", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -1,8 +1,10 @@
 """The `eqx-models` command end to end, in subprocesses as a user runs it."""
 
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -18,7 +20,8 @@ def run(*args, check=True):
 @pytest.mark.slow
 def test_train_then_generate_then_convert(tmp_path):
     """`train` (tiny steps) writes checkpoints and a loss PNG; `generate` samples from it; `convert` goes to
-    an HF directory that transformers loads and back."""
+    an HF directory that transformers loads (keeping its other files, refusing to overwrite the checkpoint) and
+    back, into a run that `train --resume` fine-tunes with a fresh optimizer state."""
     run_dir = tmp_path / "run"
     out = run("train", "--steps", "4", "--batch-size", "2", "--seq-len", "32", "--save-every", "2",
               "--out", str(run_dir), "--quiet")
@@ -31,7 +34,11 @@ def test_train_then_generate_then_convert(tmp_path):
     assert out.stdout.startswith("The lamp")
 
     hf_dir = tmp_path / "hf"
+    hf_dir.mkdir()
+    (hf_dir / "notes.txt").write_text("kept")
     run("convert", str(run_dir), str(hf_dir))
+    assert (hf_dir / "notes.txt").read_text() == "kept"
+    weights = (hf_dir / "model.safetensors").read_bytes()
     config = json.loads((hf_dir / "config.json").read_text())
     assert config["model_type"] == "qwen3" and config["vocab_size"] == 256
     import transformers
@@ -41,6 +48,12 @@ def test_train_then_generate_then_convert(tmp_path):
     run("convert", str(hf_dir), str(back))
     out = run("generate", "--checkpoint", str(back), "--prompt", "The lamp", "--max-new-tokens", "4")
     assert out.stdout.startswith("The lamp")
+    out = run("train", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--out", str(back), "--resume")
+    assert "step 0 in" in out.stderr and "has no optimizer state (a converted checkpoint)" in out.stderr
+    assert sorted(p.name for p in (back / "checkpoints").iterdir()) == ["0", "2"]
+    _assert_one_line_error(run("convert", str(run_dir), str(hf_dir), check=False),
+                           f"{hf_dir} already holds a checkpoint (config.json, model.safetensors)")
+    assert (hf_dir / "model.safetensors").read_bytes() == weights
 
 
 @pytest.mark.parametrize(
@@ -137,6 +150,38 @@ def test_convert_hf_into_non_empty_directory_is_refused(tmp_path):
     assert (tmp_path / "run" / "eqx_models_config.json").read_text() == '{"model_type": "qwen3"}'
 
 
+@pytest.mark.parametrize("entry", ["model.safetensors", "model.safetensors.index.json", "eqx_models_config.json",
+                                   "checkpoints"])
+def test_convert_run_into_a_checkpoint_is_refused(tmp_path, entry):
+    """Run -> HF into a folder already holding an HF checkpoint (it would be replaced) or a run (an HF checkpoint
+    would be mixed into it) is refused in one line naming what is there, before anything is read or written."""
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "eqx_models_config.json").write_text("{}")
+    dest = tmp_path / "dest"
+    dest.mkdir()
+    if entry == "checkpoints":
+        (dest / entry).mkdir()
+    else:
+        (dest / entry).write_text("precious")
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    out = run("convert", str(tmp_path / "run"), str(dest), check=False)
+    _assert_one_line_error(out, f"{dest} already holds a checkpoint ({entry})")
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_loss_plot_uses_the_logged_step_numbers(tmp_path, monkeypatch):
+    """The loss curve of a resumed run is drawn at its true steps (a resume at step 20 plots 21.., not 1..)."""
+    import matplotlib.figure
+
+    from eqx_models.cli import _plot_losses
+
+    drawn = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig",
+                        lambda fig, *args, **kwargs: drawn.append(list(fig.axes[0].lines[0].get_xdata())))
+    _plot_losses({22: 1.5, 21: 2.0, 23: 1.0}, tmp_path / "loss.png")
+    assert drawn == [[21, 22, 23]]
+
+
 def _tiny_omni_thinker():
     """A tiny random Qwen3-Omni thinker of ours (text MoE, vision and audio encoders)."""
     import equinox as eqx
@@ -200,11 +245,18 @@ def test_resume_keeps_the_run_config_and_names_a_corrupt_step(tmp_path):
     run_dir, common = tmp_path / "run", ("--batch-size", "2", "--seq-len", "16", "--quiet")
     run("train", "--model", str(tmp_path / "tiny.json"), "--steps", "2", "--out", str(run_dir), *common)
     saved = (run_dir / "eqx_models_config.json").read_text()
+    logged = _logged_losses(run_dir)
+    assert sorted(logged) == [1, 2]
+    with open(run_dir / "losses.jsonl", "a") as log:  # steps logged after the last save, then a crash mid-line
+        log.write('{"step": 3, "loss": 99.0}\n{"step": 4, "lo')
 
     out = run("train", "--model", str(tmp_path / "other.json"), "--steps", "4", "--out", str(run_dir), "--resume",
               *common, check=False)
     _assert_one_line_error(out, "in rms_norm_eps, rope_theta; leave out --model")
-    run("train", "--steps", "3", "--save-every", "1", "--out", str(run_dir), "--resume", *common)
+    out = run("train", "--steps", "3", "--save-every", "1", "--out", str(run_dir), "--resume", *common)
+    assert "over 1 step after resuming at step 2" in out.stdout and "loss curve of steps 1-3" in out.stdout
+    resumed = _logged_losses(run_dir)
+    assert sorted(resumed) == [1, 2, 3] and resumed[3] != 99.0 and resumed[2] == logged[2]
     assert (run_dir / "eqx_models_config.json").read_text() == saved
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["2", "3"]
 
@@ -214,3 +266,49 @@ def test_resume_keeps_the_run_config_and_names_a_corrupt_step(tmp_path):
     out = run("generate", "--checkpoint", str(run_dir), "--prompt", "x", "--max-new-tokens", "2", check=False)
     _assert_one_line_error(out, f"step 3 in {run_dir / 'checkpoints' / '3'} cannot be read")
     assert "delete it to fall back to step 2" in out.stderr
+
+
+def _logged_losses(run_dir) -> dict[int, float]:
+    lines = (run_dir / "losses.jsonl").read_text().splitlines()
+    entries = [json.loads(line) for line in lines]
+    assert len({entry["step"] for entry in entries}) == len(entries), lines
+    return {entry["step"]: entry["loss"] for entry in entries}
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_train_stops_cleanly_and_resumes(tmp_path):
+    """SIGINT once checkpoints are being written (every 2 steps, so it often lands in a save): one line naming the
+    run's checkpoints, exit 130, no step folder left half-written; `--resume` then continues from the last step,
+    with the loss log contiguous."""
+    model = dict(model_type="qwen3", vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                 num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=256)
+    (tmp_path / "tiny.json").write_text(json.dumps(model))
+    run_dir, common = tmp_path / "run", ("--batch-size", "2", "--seq-len", "16", "--quiet")
+    checkpoints = run_dir / "checkpoints"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "eqx_models.cli", "train", "--model", str(tmp_path / "tiny.json"), "--steps",
+         "100000", "--save-every", "2", "--out", str(run_dir), *common],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 400
+        while not (checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())):
+            assert process.poll() is None, process.communicate()[1][-2000:]
+            assert time.monotonic() < deadline, "no checkpoint written within 400 s"
+            time.sleep(0.2)
+        time.sleep(1)
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=300)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    assert process.returncode == 130, stderr[-2000:]
+    assert stderr.strip().count("\n") == 0 and "Traceback" not in stderr
+    assert f"interrupted; run the same command with --resume to continue from the last checkpoint in {checkpoints}" \
+        in stderr
+    steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
+    assert steps and sorted(p.name for p in checkpoints.iterdir()) == [str(step) for step in steps]
+
+    out = run("train", "--steps", str(steps[-1] + 1), "--out", str(run_dir), "--resume", *common)
+    assert f"over 1 step after resuming at step {steps[-1]}" in out.stdout
+    assert sorted(_logged_losses(run_dir)) == list(range(1, steps[-1] + 2))
