@@ -11,6 +11,8 @@ host before the compiled call (`model.prompt_inputs`): merged embeddings, DeepSt
 and the position each row continues from.
 """
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -26,11 +28,12 @@ def sample_token(
     logits: Float[Array, "batch vocab"],
     key: PRNGKeyArray | None,
     *,
-    temperature: float = 0.0,
+    temperature: float | int = 0.0,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: float | int | None = None,
 ) -> Int[Array, " batch"]:
     """Greedy (`temperature == 0`) or sampled next tokens; `top_k` / `top_p` (nucleus) filter first."""
+    _check_sampling(temperature, key, top_k, top_p, logits.shape[-1])
     if temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / temperature
@@ -47,21 +50,32 @@ def sample_token(
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-def _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab_size):
-    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer):
-        raise ValueError(f"input_ids must be integer [batch, prompt], got {input_ids.dtype}{list(input_ids.shape)}")
-    if attention_mask is not None and attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}")
-    if not is_a(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+def _check_sampling(temperature, key, top_k, top_p, vocab_size):
+    if not (is_a(temperature, float) and math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature must be a finite number >= 0, got {temperature!r}")
     if temperature > 0 and key is None:
         raise ValueError("sampling (temperature > 0) needs a PRNG key")
     if top_k is not None and not (is_a(top_k, int) and 0 < top_k <= vocab_size):
         raise ValueError(f"top_k must be an int in [1, {vocab_size}], got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if top_p is not None and not (is_a(top_p, float) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1], got {top_p!r}")
+
+
+def _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab_size):
+    if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer) or not input_ids.shape[1]:
+        raise ValueError(f"input_ids must be integer [batch, prompt] with prompt >= 1, got "
+                         f"{input_ids.dtype}{list(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask {attention_mask.shape} must match input_ids {input_ids.shape}")
+    if not is_a(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    _check_sampling(temperature, key, top_k, top_p, vocab_size)
+    if attention_mask is not None and not isinstance(attention_mask, jax.core.Tracer):
+        real = np.asarray(attention_mask) != 0
+        bad = ~real[:, -1] | (np.diff(real.astype(np.int8), axis=1) < 0).any(axis=1)
+        if bad.any():
+            raise ValueError(f"attention_mask must be left-padded (0s, then 1s up to the last slot, where each "
+                             f"row's generation continues); rows {np.flatnonzero(bad).tolist()} are not")
     if not isinstance(input_ids, jax.core.Tracer):
         real = attention_mask is None or isinstance(attention_mask, jax.core.Tracer) or np.asarray(attention_mask) != 0
         check_token_ids(np.asarray(input_ids)[real], vocab_size)
@@ -71,11 +85,11 @@ def generate(
     model: eqx.Module,
     input_ids: Int[Array, "batch prompt"],
     max_new_tokens: int,
-    temperature: float = 0.0,
+    temperature: float | int = 0.0,
     key: PRNGKeyArray | None = None,
     *,
     top_k: int | None = None,
-    top_p: float | None = None,
+    top_p: float | int | None = None,
     eos_token_id: int | list[int] | None = None,
     attention_mask: Int[Array, "batch prompt"] | None = None,
     unroll_layers: bool = True,

@@ -420,7 +420,12 @@ def _unchecked(fn):
         (dict(input_ids=jnp.zeros((5,), jnp.int32)), "input_ids must be integer"),
         (dict(max_new_tokens=0), "max_new_tokens must be a positive int"),
         (dict(max_new_tokens=-3), "max_new_tokens must be a positive int"),
-        (dict(temperature=-0.5, key=jax.random.key(0)), "temperature must be >= 0"),
+        (dict(temperature=-0.5, key=jax.random.key(0)), "temperature must be a finite number >= 0"),
+        (dict(temperature=float("nan"), key=jax.random.key(0)), "temperature must be a finite number >= 0"),
+        (dict(input_ids=jnp.zeros((2, 0), jnp.int32)), r"prompt >= 1"),
+        (dict(attention_mask=jnp.asarray([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])), r"left-padded .* rows \[0\]"),
+        (dict(attention_mask=jnp.asarray([[1, 1, 1, 1, 1], [0, 1, 0, 1, 1]])), r"left-padded .* rows \[1\]"),
+        (dict(attention_mask=jnp.zeros((2, 5), jnp.int32)), r"left-padded .* rows \[0, 1\]"),
         (dict(temperature=0.7), "needs a PRNG key"),
         (dict(top_k=0), "top_k must be an int in"),
         (dict(top_k=65), "top_k must be an int in"),
@@ -433,7 +438,8 @@ def _unchecked(fn):
         (dict(top_p=0.0), "top_p must be in"),
         (dict(attention_mask=jnp.ones((2, 4), jnp.int32)), "attention_mask .* must match input_ids"),
     ],
-    ids=["float-ids", "1d-ids", "max-new-0", "max-new-neg", "neg-temperature", "no-key", "top-k-0",
+    ids=["float-ids", "1d-ids", "max-new-0", "max-new-neg", "neg-temperature", "nan-temperature", "empty-prompt",
+         "right-padded", "hole-in-mask", "no-real-token", "no-key", "top-k-0",
          "top-k-too-big", "top-k-float", "max-new-bool", "id-past-vocab", "negative-real-id", "top-p-1.5", "top-p-0",
          "mask-shape"],
 )
@@ -442,6 +448,28 @@ def test_bad_input_raises(tiny, kwargs, message):
     args = dict(input_ids=jnp.zeros((2, 5), jnp.int32), max_new_tokens=3) | kwargs
     with pytest.raises(ValueError, match=message):
         _unchecked(generate)(tiny, **args)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [(dict(temperature=-1.0), "temperature must be"), (dict(temperature=0.5, key=None), "needs a PRNG key"),
+     (dict(top_k=0), "top_k must be"), (dict(top_k=4), "top_k must be"), (dict(top_p=0.0), "top_p must be")],
+    ids=["neg-temperature", "no-key", "top-k-0", "top-k-past-vocab", "top-p-0"],
+)
+def test_sample_token_checks_its_arguments(kwargs, message):
+    """`sample_token` called directly validates as `generate` does (a negative temperature would sample the
+    inverted distribution; a bad top_k fails deep inside lax.top_k)."""
+    args = dict(key=jax.random.key(0), temperature=1.0) | kwargs
+    with pytest.raises(ValueError, match=message):
+        sample_token(jnp.zeros((2, 3)), **args)
+
+
+def test_plain_ints_pass_the_type_hook(tiny):
+    """Under the jaxtyping + beartype hook, int literals are fine where a float is meant (temperature=0,
+    top_p=1), as Python's numeric tower has it."""
+    ids = jnp.zeros((1, 3), jnp.int32)
+    np.testing.assert_array_equal(np.asarray(generate(tiny, ids, 2, temperature=0)), np.asarray(generate(tiny, ids, 2)))
+    assert sample_token(jnp.zeros((2, 3)), jax.random.key(0), temperature=1, top_p=1).shape == (2,)
 
 
 def test_padding_slots_may_hold_any_id(tiny):
