@@ -11,11 +11,26 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
+from eqx_models.config import is_a
+from eqx_models.layers.embeddings import check_token_ids
 from eqx_models.models.transformer import roll_and_mask_by_segment
 
-Batch = dict[str, Array]
+Batch = dict[str, ArrayLike]
+BATCH_KEYS = ("input_ids", "segment_ids", "positions")
+
+
+def check_batch(batch: Batch) -> None:
+    """A batch holds `input_ids` and optionally `segment_ids` and `positions`; anything else would be silently
+    ignored (an HF `attention_mask` leaving padding in the loss, an image never seen), so it is an error."""
+    if "input_ids" not in batch:
+        raise ValueError(f"the batch needs input_ids; got {sorted(batch)}")
+    unknown = sorted(set(batch) - set(BATCH_KEYS))
+    if unknown:
+        hint = (" (segment_ids are an attention mask too: 0 = padding, 1.. = document)"
+                if "attention_mask" in unknown else "")
+        raise ValueError(f"the batch may hold only {', '.join(BATCH_KEYS)}; got also {', '.join(unknown)}{hint}")
 
 
 def _check_chunk_size(chunk_size: object) -> None:
@@ -99,7 +114,7 @@ def lm_loss(
     batch: Batch,
     *,
     key: PRNGKeyArray | None = None,
-    z_loss: float = 0.0,
+    z_loss: float | int = 0.0,
     chunk_size: int = 512,
     inference: bool = False,
     normalizers: dict[str, Array] | None = None,
@@ -109,13 +124,14 @@ def lm_loss(
     MTP targets) times `mtp_loss_scaling_factor`.
 
     `batch` holds `input_ids` and optionally `segment_ids` (0 = padding) and `positions` (the Qwen3-Omni
-    thinker's text path included).
+    thinker's text path included); other keys raise (`check_batch`).
 
     `normalizers`: the whole batch's `loss_normalizers` when `batch` is one micro-batch of it. Every term is
     then this micro-batch's share of the whole-batch loss (the MoE loss weighted by its share of the tokens),
     so losses, gradients and metrics of the micro-batches add up to the whole batch's.
     """
     _check_chunk_size(chunk_size)
+    check_batch(batch)
     out = model.forward(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                         key=key, inference=inference)
     cfg = _text_config(model)
@@ -142,20 +158,34 @@ def lm_loss(
 
 
 def make_optimizer(
-    learning_rate: float,
+    learning_rate: float | int,
     *,
     total_steps: int,
     warmup_steps: int = 0,
-    weight_decay: float = 0.1,
-    b1: float = 0.9,
-    b2: float = 0.95,
-    max_grad_norm: float | None = 1.0,
+    weight_decay: float | int = 0.1,
+    b1: float | int = 0.9,
+    b2: float | int = 0.95,
+    max_grad_norm: float | int | None = 1.0,
     weight_decay_mask: Any = None,
 ) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine decay to 10%, after global-norm clipping.
 
     Weight decay applies to every parameter, as in MaxText, unless `weight_decay_mask` (optax's `mask`: a pytree
     of bools shaped like the parameters, or a function of them returning one) says where it applies."""
+    checks = {
+        "learning_rate": (learning_rate, is_a(learning_rate, float) and learning_rate > 0, "a number > 0"),
+        "total_steps": (total_steps, is_a(total_steps, int) and total_steps >= 1, "an int >= 1"),
+        "warmup_steps": (warmup_steps, is_a(warmup_steps, int) and 0 <= warmup_steps <= total_steps,
+                         "an int in [0, total_steps]"),
+        "weight_decay": (weight_decay, is_a(weight_decay, float) and weight_decay >= 0, "a number >= 0"),
+        "b1": (b1, is_a(b1, float) and 0 <= b1 < 1, "in [0, 1)"),
+        "b2": (b2, is_a(b2, float) and 0 <= b2 < 1, "in [0, 1)"),
+        "max_grad_norm": (max_grad_norm, max_grad_norm is None or (is_a(max_grad_norm, float) and max_grad_norm > 0),
+                          "None or a number > 0"),
+    }
+    for name, (value, ok, expected) in checks.items():
+        if not ok:
+            raise ValueError(f"make_optimizer: {name} must be {expected}, got {value!r}")
     if warmup_steps > 0:
         schedule = optax.warmup_cosine_decay_schedule(
             0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), learning_rate * 0.1
@@ -175,7 +205,8 @@ def make_train_step(
 ) -> Callable:
     """`step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, jitted with the model and optimizer
     state donated. Parameters stay in their `param_dtype` (fp32 master weights with `dtype="bfloat16"` compute
-    is the mixed-precision set-up).
+    is the mixed-precision set-up). The batch is checked first (`check_batch`; ids outside the vocabulary, which
+    would turn every parameter into NaN, raise when they are on the host or already computed).
 
     With `grad_accum_steps > 1` the batch is split into that many micro-batches along the batch axis, and
     `loss_fn` also receives `normalizers=loss_normalizers(model, batch)` of the whole batch; the micro-batches'
@@ -219,6 +250,11 @@ def make_train_step(
         return model, opt_state, metrics
 
     def train_step(model, opt_state, batch: Batch, key: PRNGKeyArray):
+        check_batch(batch)
+        ids = batch["input_ids"]
+        if not isinstance(ids, jax.Array) or (not isinstance(ids, jax.core.Tracer) and ids.is_ready()):
+            # ids still being computed on the device are not waited for
+            check_token_ids(ids, model.transformer.embed.num_embeddings)
         return step(batch, model, opt_state, key)
 
     return train_step

@@ -643,3 +643,48 @@ def test_weight_decay_mask_spares_what_it_excludes():
     assert scales and not any(np.any(np.asarray(s)) for s in scales)
     assert_close(updates.transformer.embed.embedding,
                  -peak * wd * np.asarray(model.transformer.embed.embedding, np.float64), 1e-6, "decayed embedding")
+
+
+def test_bad_batches_raise_before_the_step_and_keep_the_model(model):
+    """A batch with keys the loss would silently ignore (an HF `attention_mask`: padding would be trained on; an
+    image) or an id outside the vocabulary (an NaN embedding row that would poison every parameter) raises a
+    ValueError naming it before the step runs, so nothing is donated; a NumPy batch is taken."""
+    opt = _optimizer(1e-3, total_steps=4)
+    step, m = make_train_step(opt), _copy(model)
+    state = opt.init(_params(m))
+    batch = {k: np.asarray(v) for k, v in _batch().items()}
+    bad_id = dict(batch, input_ids=np.where(np.arange(batch["input_ids"].size).reshape(batch["input_ids"].shape) == 3,
+                                            VOCAB, batch["input_ids"]))
+    cases = [({"input_ids": batch["input_ids"], "attention_mask": batch["segment_ids"] > 0},
+              "got also attention_mask .segment_ids are an attention mask too"),
+             (dict(batch, pixel_values=np.zeros((4, 8), np.float32)), "got also pixel_values"),
+             ({"segment_ids": batch["segment_ids"]}, "needs input_ids"),
+             (bad_id, rf"token ids must lie in \[0, {VOCAB}\)")]
+    for bad, message in cases:
+        with pytest.raises(ValueError, match=message):
+            step(m, state, bad, jax.random.key(0))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(_params(m)))
+    with pytest.raises(ValueError, match="got also attention_mask"):
+        lm_loss(m, {"input_ids": batch["input_ids"], "attention_mask": batch["segment_ids"]})
+    m, state, metrics = step(m, state, batch, jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"]))
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(learning_rate=-1e-3), "learning_rate must be a number > 0"),
+    (dict(learning_rate=float("nan")), "learning_rate must be a number > 0"),
+    (dict(total_steps=0), "total_steps must be an int >= 1"),
+    (dict(warmup_steps=20), r"warmup_steps must be an int in \[0, total_steps\]"),
+    (dict(max_grad_norm=0), "max_grad_norm must be None or a number > 0"),
+    (dict(b2=1.0), r"b2 must be in \[0, 1\)"),
+    (dict(weight_decay=-0.1), "weight_decay must be a number >= 0"),
+], ids=["neg-lr", "nan-lr", "no-steps", "warmup-past-total", "clip-0", "b2-1", "neg-decay"])
+def test_make_optimizer_rejects_nonsense(kwargs, message):
+    args = dict(learning_rate=1e-3, total_steps=10) | kwargs
+    with pytest.raises(ValueError, match=message):
+        make_optimizer(args.pop("learning_rate"), **args)
+
+
+def test_make_optimizer_takes_int_literals():
+    """Under the jaxtyping + beartype hook, ints are fine where a float is meant (Python's numeric tower)."""
+    make_optimizer(1, total_steps=10, weight_decay=0, b1=0, max_grad_norm=1)

@@ -24,9 +24,12 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, Real, Shaped
 
 
 def check_token_ids(ids: Shaped[Array, "..."] | np.ndarray, num_embeddings: int) -> None:
-    """Concrete ids outside `[0, num_embeddings)` raise; traced ones cannot be checked (`Embed` gives them NaN
-    rows). Read on the host, so a concrete array closed over by a jitted function is checked too."""
+    """Concrete ids outside `[0, num_embeddings)` raise; traced ones, and arrays spread over other hosts, cannot
+    be checked (`Embed` gives them NaN rows). Read on the host, so a concrete array closed over by a jitted
+    function is checked too."""
     if isinstance(ids, jax.core.Tracer) or not ids.size:
+        return
+    if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
         return
     host = np.asarray(ids)
     low, high = int(host.min()), int(host.max())
