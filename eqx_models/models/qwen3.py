@@ -182,15 +182,24 @@ class CausalLM(eqx.Module):
     def __call__(
         self,
         input_ids: Int[Array, "batch seq"],
-        positions: Real[Array, "batch seq"] | Real[Array, "batch seq 3"] | None = None,
+        positions: Real[Array, "batch seq"] | None = None,
         segment_ids: Int[Array, "batch seq"] | None = None,
     ) -> Float[Array, "batch seq vocab"]:
         """Float32 logits. `positions` default to `arange(seq)`; `segment_ids` mark packed sequences
         (0 = padding, excluded from attention)."""
-        return self.transformer(input_ids, positions, segment_ids)
+        return self.logits(self.forward(input_ids, positions, segment_ids).hidden)
 
-    def forward(self, input_ids: Int[Array, "batch seq"], positions=None, segment_ids=None, **kwargs) -> TransformerOutput:
+    def forward(
+        self,
+        input_ids: Int[Array, "batch seq"],
+        positions: Real[Array, "batch seq"] | None = None,
+        segment_ids: Int[Array, "batch seq"] | None = None,
+        **kwargs: Any,
+    ) -> TransformerOutput:
         """Final-normed hidden states, cache and layer statistics (see `Transformer.forward`)."""
+        if positions is not None and jnp.shape(positions) != jnp.shape(input_ids):
+            raise ValueError(f"positions {jnp.shape(positions)} must match input_ids {jnp.shape(input_ids)}: one "
+                             f"position per token (only the Omni thinker takes [batch, seq, 3])")
         return self.transformer.forward(input_ids, positions, segment_ids, **kwargs)
 
     def logits(self, hidden: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:

@@ -238,10 +238,12 @@ class Transformer(eqx.Module):
         `layer_residuals[i]` is added to the hidden state after layer `i` for `i < depth` (Qwen3-VL / Omni
         DeepStack visual features, zero outside the visual positions)."""
         hidden = self.embed(input_ids) if inputs_embeds is None else inputs_embeds
-        if input_ids.ndim != 2 or hidden.shape[:2] != input_ids.shape:
-            raise ValueError(f"input_ids must be [batch, seq], got {input_ids.shape}")
+        if input_ids.ndim != 2 or hidden.shape[:2] != input_ids.shape or not input_ids.shape[1]:
+            raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {input_ids.shape}")
         if segment_ids is not None and segment_ids.shape != input_ids.shape:
             raise ValueError(f"segment_ids {segment_ids.shape} must match input_ids {input_ids.shape}")
+        if segment_ids is not None and not jnp.issubdtype(segment_ids.dtype, jnp.integer):
+            raise ValueError(f"segment_ids must be integers (0 = padding, 1.. = document), got {segment_ids.dtype}")
         if layer_residuals is not None and layer_residuals.shape[1:] != hidden.shape:
             raise ValueError(f"layer_residuals {layer_residuals.shape} must be [depth, *{hidden.shape}]")
         if layer_residuals is not None and layer_residuals.shape[0] == 0:

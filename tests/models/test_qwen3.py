@@ -402,3 +402,21 @@ def test_bfloat16_model(moe, tol):
     assert_close(np.asarray(got)[valid], np.asarray(ref)[valid], tol, what)
     if moe:
         assert math.isclose(float(aux), float(aux_ref), rel_tol=0.1)
+
+
+@pytest.mark.parametrize("where, kwargs, message", [
+    ("transformer", dict(input_ids=jnp.zeros((2, 0), jnp.int32)), r"seq >= 1"),
+    ("model", dict(positions=jnp.zeros((2, 5, 3), jnp.int32)), r"one position per token"),
+    ("transformer", dict(segment_ids=jnp.full((2, 5), 0.5)), r"segment_ids must be integers"),
+    ("transformer", dict(segment_ids=jnp.ones((2, 4), jnp.int32)), r"segment_ids \(2, 4\) must match"),
+], ids=["empty", "mrope-positions", "float-segments", "segment-shape"])
+def test_bad_forward_inputs_are_named(where, kwargs, message):
+    """Without the type hook (users may not run one) a bad forward input is a ValueError naming it, not a
+    broadcasting error from deep inside attention or a silent cast (0.5 -> padding)."""
+    import inspect
+
+    model = _random_model(_dense_cfg())
+    module = model if where == "model" else model.transformer
+    args = dict(input_ids=jnp.zeros((2, 5), jnp.int32)) | kwargs
+    with pytest.raises(ValueError, match=message):
+        inspect.unwrap(type(module).forward)(module, **args)
