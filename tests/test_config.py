@@ -274,12 +274,16 @@ def test_replace_rederives_default_layer_types():
         given.replace(num_hidden_layers=3)
 
 
-@pytest.mark.parametrize("ours, theirs", [
+# our text config classes beside transformers' for the same model_type
+WITH_HF = pytest.mark.parametrize("ours, theirs", [
     (em.Qwen3Config, transformers.Qwen3Config), (em.Qwen3MoeConfig, transformers.Qwen3MoeConfig),
     (em.Qwen3NextConfig, transformers.Qwen3NextConfig),
     (em.config.Qwen3OmniThinkerTextConfig,
      transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe.Qwen3OmniMoeTextConfig),
 ], ids=["qwen3", "qwen3_moe", "qwen3_next", "omni_text"])
+
+
+@WITH_HF
 def test_missing_rope_theta_is_transformers_default(ours, theirs):
     """A config.json without rope_theta / rope_parameters gets transformers' base for that model, not our
     dataclass default (a checkpoint's shape)."""
@@ -288,12 +292,7 @@ def test_missing_rope_theta_is_transformers_default(ours, theirs):
     assert ours.from_hf_dict(data).rope_theta == theirs(**data).rope_parameters["rope_theta"]
 
 
-@pytest.mark.parametrize("ours, theirs", [
-    (em.Qwen3Config, transformers.Qwen3Config), (em.Qwen3MoeConfig, transformers.Qwen3MoeConfig),
-    (em.Qwen3NextConfig, transformers.Qwen3NextConfig),
-    (em.config.Qwen3OmniThinkerTextConfig,
-     transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe.Qwen3OmniMoeTextConfig),
-], ids=["qwen3", "qwen3_moe", "qwen3_next", "omni_text"])
+@WITH_HF
 def test_missing_head_dim_and_null_mlp_only_layers_read_as_transformers_does(ours, theirs):
     """Without head_dim, transformers' attention uses its config class default (Qwen3 128, Qwen3-Next 256) or,
     where the class declares none, hidden_size // num_attention_heads; `mlp_only_layers: null` is []."""
