@@ -12,6 +12,7 @@ corresponding `like` leaf. Each step is one orbax checkpoint directory `<directo
 `<step>.orbax-checkpoint-tmp` and renamed once complete, so a crash mid-save leaves the previous steps intact.
 """
 
+import asyncio
 import contextlib
 import gc
 import json
@@ -164,29 +165,47 @@ def _is_orbax_teardown_noise(unraisable) -> bool:
     return unraisable.object is None and str(unraisable.exc_value) == "Event loop is closed"
 
 
+def _drop_unretrieved(loop: asyncio.AbstractEventLoop, context: dict) -> None:
+    """Exception handler of the event loops a restore runs on: once one read has failed and been raised, asyncio
+    would log every other failed read again as "exception was never retrieved" when its future is collected."""
+    if "exception was never retrieved" not in context.get("message", ""):
+        loop.default_exception_handler(context)
+
+
 @contextlib.contextmanager
 def _quiet_orbax_teardown():
-    """Keep a failed restore's leftovers (see `_is_orbax_teardown_noise`) from printing pages of tracebacks, some
-    from tensorstore threads after the error is raised. The filter is removed after a successful restore and kept
-    after a failed one; other unraisable exceptions still reach the previous hook."""
+    """Keep a failed restore's leftovers from printing pages of tracebacks, some from tensorstore threads after
+    the error is raised: the reports of `_is_orbax_teardown_noise` (a filter removed after a successful restore
+    and kept after a failed one; other unraisable exceptions still reach the previous hook), and asyncio's
+    "never retrieved" logs of the other failed reads, on the loops orbax creates meanwhile."""
+    new_event_loop = asyncio.new_event_loop
+
+    def quiet_new_event_loop() -> asyncio.AbstractEventLoop:
+        loop = new_event_loop()
+        loop.set_exception_handler(_drop_unretrieved)
+        return loop
+
     previous = sys.unraisablehook
-    if getattr(previous, "quiets_orbax_teardown", False):
-        yield
-        return
+    installed = not getattr(previous, "quiets_orbax_teardown", False)
 
     def hook(unraisable) -> None:
         if not _is_orbax_teardown_noise(unraisable):
             previous(unraisable)
 
     hook.quiets_orbax_teardown = True
-    sys.unraisablehook = hook
+    if installed:
+        sys.unraisablehook = hook
+    asyncio.new_event_loop = quiet_new_event_loop
     try:
         yield
     except BaseException:
         gc.collect()
         raise
-    if sys.unraisablehook is hook:
-        sys.unraisablehook = previous
+    else:
+        if installed and sys.unraisablehook is hook:
+            sys.unraisablehook = previous
+    finally:
+        asyncio.new_event_loop = new_event_loop
 
 
 def _storable(leaves: dict) -> dict:
