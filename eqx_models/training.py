@@ -130,7 +130,6 @@ def lm_loss(
     then this micro-batch's share of the whole-batch loss (the MoE loss weighted by its share of the tokens),
     so losses, gradients and metrics of the micro-batches add up to the whole batch's.
     """
-    _check_chunk_size(chunk_size)
     check_batch(batch)
     out = model.forward(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                         key=key, inference=inference)
@@ -191,7 +190,7 @@ def make_optimizer(
             0.0, learning_rate, warmup_steps, max(total_steps, warmup_steps + 1), learning_rate * 0.1
         )
     else:
-        schedule = optax.cosine_decay_schedule(learning_rate, max(total_steps, 1), alpha=0.1)
+        schedule = optax.cosine_decay_schedule(learning_rate, total_steps, alpha=0.1)
     adamw = optax.adamw(schedule, b1=b1, b2=b2, weight_decay=weight_decay, mask=weight_decay_mask)
     return adamw if max_grad_norm is None else optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
 
@@ -205,8 +204,9 @@ def make_train_step(
 ) -> Callable:
     """`step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, jitted with the model and optimizer
     state donated. Parameters stay in their `param_dtype` (fp32 master weights with `dtype="bfloat16"` compute
-    is the mixed-precision set-up). The batch is checked first (`check_batch`; ids outside the vocabulary, which
-    would turn every parameter into NaN, raise when they are on the host or already computed).
+    is the mixed-precision set-up). Ids outside the vocabulary, which would turn every parameter into NaN, raise
+    before the step when they are on the host or already computed; `lm_loss` rejects batch keys it would ignore
+    while it is traced, also before anything is donated.
 
     With `grad_accum_steps > 1` the batch is split into that many micro-batches along the batch axis, and
     `loss_fn` also receives `normalizers=loss_normalizers(model, batch)` of the whole batch; the micro-batches'
@@ -250,10 +250,9 @@ def make_train_step(
         return model, opt_state, metrics
 
     def train_step(model, opt_state, batch: Batch, key: PRNGKeyArray):
-        check_batch(batch)
-        ids = batch["input_ids"]
-        if not isinstance(ids, jax.Array) or (not isinstance(ids, jax.core.Tracer) and ids.is_ready()):
-            # ids still being computed on the device are not waited for
+        ids = batch.get("input_ids")
+        computing = isinstance(ids, jax.Array) and not isinstance(ids, jax.core.Tracer) and not ids.is_ready()
+        if ids is not None and not computing:  # ids still being computed on the device are not waited for
             check_token_ids(ids, model.transformer.embed.num_embeddings)
         return step(batch, model, opt_state, key)
 

@@ -670,6 +670,20 @@ def test_bad_batches_raise_before_the_step_and_keep_the_model(model):
     assert np.isfinite(float(metrics["loss"]))
 
 
+def test_a_custom_loss_may_read_its_own_batch_keys(model):
+    """The batch-key check is `lm_loss`'s, not the step's: a custom `loss_fn` reading a key of its own (per-row
+    weights here) trains on it."""
+    def weighted_loss(m, batch, *, key):
+        loss, metrics = lm_loss(m, {k: v for k, v in batch.items() if k != "row_weights"}, key=key)
+        return loss * jnp.mean(batch["row_weights"]), metrics
+
+    opt = _optimizer(1e-3, total_steps=4)
+    m = _copy(model)
+    batch = dict(_batch(), row_weights=jnp.full((_segments().shape[0],), 2.0))
+    _, _, metrics = make_train_step(opt, loss_fn=weighted_loss)(m, opt.init(_params(m)), batch, jax.random.key(0))
+    assert np.isfinite(float(metrics["loss"]))
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(learning_rate=-1e-3), "learning_rate must be a number > 0"),
     (dict(learning_rate=float("nan")), "learning_rate must be a number > 0"),
