@@ -7,8 +7,9 @@ in place; no Python runs per token. The model decodes with its layers unrolled (
 step reads every weight where it lies instead of slicing it out of the stacked arrays.
 
 A model with extra prompt inputs (the Omni thinker: images, videos, audio) turns them into `PromptInputs` on the
-host before the compiled call (`model.prompt_inputs`): merged embeddings, DeepStack residuals, MRoPE positions
-and the position each row continues from.
+host before the compiled call (`model.prompt_inputs`): merged embeddings, DeepStack residuals and MRoPE
+positions. Generated tokens continue from each row's last prompt position plus one, on every MRoPE axis, as HF's
+`generate` extends `position_ids`.
 """
 
 import math
@@ -144,7 +145,7 @@ def _generate(model, input_ids, attention_mask, prompt, key, max_new_tokens, tem
     batch, prompt_len = input_ids.shape
     if prompt is None:
         positions = jnp.maximum(jnp.cumsum(attention_mask, axis=-1) - 1, 0)
-        prompt = PromptInputs(None, None, positions, positions[:, -1] + 1)
+        prompt = PromptInputs(None, None, positions)
     decoder = model.transformer
     cache = model.init_cache(batch, prompt_len + max_new_tokens, quantized=quantized_cache)
     prompt_ids = jnp.where(attention_mask != 0, input_ids, 0)  # any id may pad: none reaches the embedding
@@ -155,7 +156,7 @@ def _generate(model, input_ids, attention_mask, prompt, key, max_new_tokens, tem
     first = sample(decoder.logits(out.hidden[:, -1]), keys[0])
     is_eos = lambda tokens: jnp.isin(tokens, jnp.asarray(eos, jnp.int32)) if eos else jnp.zeros_like(tokens, bool)  # noqa: E731
     tokens = jnp.zeros((batch, max_new_tokens), jnp.int32).at[:, 0].set(first)
-    state = (jnp.asarray(1, jnp.int32), first, prompt.next_positions, out.cache, tokens, is_eos(first))
+    state = (jnp.asarray(1, jnp.int32), first, prompt.positions[:, -1] + 1, out.cache, tokens, is_eos(first))
 
     def cond(state):
         step, _, _, _, _, done = state

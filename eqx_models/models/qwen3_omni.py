@@ -1059,10 +1059,9 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         use_audio_in_video: bool = False,
     ) -> PromptInputs:
         """What `generate` prefills the text decoder with (host side: the ids must be concrete): the merged
-        embeddings, the DeepStack residuals, the MRoPE positions of `get_rope_index`, and each row's next
-        positions, its last token's plus one on each axis, as HF's `generate` extends `position_ids` (not
-        `real tokens + rope_deltas`: after an audio-in-video block the prompt's largest position can lie before
-        its last token)."""
+        embeddings, the DeepStack residuals and the MRoPE positions of `get_rope_index`. Decoding goes on from
+        the last token's positions, not from `real tokens + rope_deltas`: after an audio-in-video block the
+        prompt's largest position can lie before its last token."""
         mask = np.ones(np.shape(input_ids), np.int64) if attention_mask is None else _static_ints(
             attention_mask, "attention_mask")
         embeds, deepstack, audio_valid = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
@@ -1071,8 +1070,7 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
             self.config, input_ids, image_grid_thw, video_grid_thw, mask, use_audio_in_video,
             None if audio_valid is None else audio_valid.sum(axis=1), video_second_per_grid,
         )
-        positions = jnp.asarray(positions)
-        return PromptInputs(embeds, deepstack, positions, positions[:, -1] + 1)
+        return PromptInputs(embeds, deepstack, jnp.asarray(positions))
 
     def aux_loss(self, stats: object) -> Float[Array, ""]:
         """HF's router load-balancing loss over the MoE layers of the text decoder."""

@@ -88,7 +88,6 @@ class PromptInputs(NamedTuple):
     inputs_embeds: Float[Array, "batch seq embed"] | None
     layer_residuals: Float[Array, "depth batch seq embed"] | None
     positions: Real[Array, "batch seq 3"] | Real[Array, "batch seq"]
-    next_positions: Real[Array, " batch"] | Real[Array, "batch 3"]  # of each row's first generated token
 
 
 def roll_and_mask_by_segment(

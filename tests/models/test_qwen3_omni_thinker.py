@@ -384,8 +384,8 @@ def test_greedy_generate_matches_hf(generation_models, case):
 
 def test_prompt_inputs_match_the_forward(models):
     """`prompt_inputs`: the merged embeddings and DeepStack residuals are the forward's (the logits from them
-    equal the model's), positions are `get_rope_index`'s, and each row continues at real tokens + delta (here
-    the last token holds the largest position)."""
+    equal the model's), positions are `get_rope_index`'s, and each row's last position + 1, where `generate`
+    continues, is real tokens + delta (here the last token holds the largest position)."""
     _, ours = models
     inputs = _multimodal_inputs()
     kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
@@ -398,7 +398,7 @@ def test_prompt_inputs_match_the_forward(models):
     )
     np.testing.assert_array_equal(prompt.positions, positions)
     expected = inputs["attention_mask"].sum(axis=1) + deltas[:, 0]
-    np.testing.assert_array_equal(prompt.next_positions, np.repeat(expected[:, None], 3, axis=1))
+    np.testing.assert_array_equal(prompt.positions[:, -1] + 1, np.repeat(expected[:, None], 3, axis=1))
     assert prompt.layer_residuals.shape == (3, *ids.shape, 64)
     segments = jnp.asarray(inputs["attention_mask"], jnp.int32)
     hidden = ours.transformer.forward(ids, prompt.positions, segments, inputs_embeds=prompt.inputs_embeds,
