@@ -220,7 +220,6 @@ def cmd_train(args: argparse.Namespace) -> None:
     step_fn = make_train_step(optimizer)
     rng = np.random.default_rng(args.seed)
     starts_all = rng.integers(0, data.size - args.seq_len, size=(args.steps, args.batch_size))
-    losses: list[float] = []
     tokens_per_step = args.batch_size * args.seq_len
     with Checkpointer(out / "checkpoints", max_to_keep=2) as checkpointer:
         start = 0
@@ -240,7 +239,6 @@ def cmd_train(args: argparse.Namespace) -> None:
                 batch = {"input_ids": jnp.asarray(data[windows])}
                 model, opt_state, metrics = step_fn(model, opt_state, batch, jax.random.fold_in(key, step))
                 loss = history[step + 1] = float(metrics["loss"])
-                losses.append(loss)
                 log.write(json.dumps({"step": step + 1, "loss": loss}) + "\n")
                 log.flush()
                 now = time.perf_counter()
@@ -250,11 +248,12 @@ def cmd_train(args: argparse.Namespace) -> None:
                     with _interrupts_held():
                         checkpointer.save(step + 1, model, opt_state, key=key,
                                           metadata={"losses_tail": [history[s] for s in sorted(history)[-10:]]})
-    if losses:
+    trained = args.steps - start
+    if trained > 0:
         _plot_losses(history, out / "loss.png")
-        span = f"{len(losses)} step{'s' * (len(losses) != 1)}" + (f" after resuming at step {start}" if start else "")
-        print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {span}; checkpoint in {out / 'checkpoints'}, "
-              f"loss curve of steps {min(history)}-{max(history)} in {out / 'loss.png'}")
+        span = f"{trained} step{'s' * (trained != 1)}" + (f" after resuming at step {start}" if start else "")
+        print(f"loss {history[start + 1]:.3f} -> {history[args.steps]:.3f} over {span}; checkpoint in "
+              f"{out / 'checkpoints'}, loss curve of steps {min(history)}-{max(history)} in {out / 'loss.png'}")
     sample = _generate_text(model, args.prompt, 120, 0.8, args.seed)
     print(f"sample: {args.prompt}{sample}")
 
