@@ -432,9 +432,14 @@ class Checkpointer:
         return Restored(model, opt_state, step, key, record["metadata"])
 
     def _unreadable(self, step: int, steps: list[int], reason: str) -> ValueError:
-        """The one-line error for a damaged `step`, naming its folder and the step to fall back to."""
+        """The one-line error for a damaged `step`, naming its folder and the steps left to fall back to."""
         others = [s for s in steps if s != step]
-        way_out = f"delete it to fall back to step {others[-1]}" if others else "no other step to fall back to"
+        if not others:
+            way_out = "no other step to fall back to"
+        elif step == steps[-1]:
+            way_out = f"delete it to fall back to step {others[-1]}"
+        else:
+            way_out = f"restore another step: {others}"
         folder = os.path.join(self.directory, str(step))
         return ValueError(f"step {step} in {folder} cannot be read ({reason}); {way_out}")
 

@@ -489,6 +489,19 @@ def test_corrupted_step_is_one_clear_error(tmp_path, model):
     ckpt.close()
 
 
+def test_a_corrupted_older_step_names_the_other_steps(tmp_path, model):
+    """Deleting a damaged step below the latest would not make `restore` fall back to anything: the error lists
+    the steps that can be restored instead."""
+    with Checkpointer(tmp_path) as ckpt:
+        for step in (1, 2, 3):
+            ckpt.save(step, model)
+    metadata = tmp_path / "2" / "metadata" / "metadata"
+    metadata.write_text(metadata.read_text()[:20])
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(ValueError, match=r"cannot be read \(.*\); restore another step: \[1, 3\]$"):
+            ckpt.restore(abstract_model(), step=2)
+
+
 def test_corrupted_metadata_is_the_same_clear_error(tmp_path, model):
     """A step whose metadata file is truncated is reported as unreadable with the way out, like damaged arrays;
     a step folder with no metadata of ours at all is reported as not written by the Checkpointer."""
