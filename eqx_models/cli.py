@@ -169,15 +169,21 @@ def _interrupts_held():
 
 def _resume(checkpointer, model, opt_state, quiet: bool):
     """The latest step of `checkpointer`; a step without optimizer state (one `convert` wrote from HF) gives its
-    model with the fresh `opt_state`, so a converted checkpoint can be fine-tuned."""
+    model with the fresh `opt_state`, so a converted checkpoint can be fine-tuned. The fresh state's learning-rate
+    schedule starts at the restored step, where the loop goes on; Adam's moments and bias correction start anew."""
     if checkpointer.has_opt_state():
         return checkpointer.restore(model, opt_state)
     import jax
+    import jax.numpy as jnp
+    import optax
 
     restored = checkpointer.restore(model)
     if not quiet:
         print(f"eqx-models: step {restored.step} in {checkpointer.directory} has no optimizer state (a converted "
               "checkpoint); starting a fresh one", file=sys.stderr)
+    opt_state = optax.tree_utils.tree_set(
+        opt_state, lambda path, _: any(getattr(k, "tuple_name", None) == "ScaleByScheduleState" for k in path),
+        count=jnp.asarray(restored.step, jnp.int32))
     # committed to a device like the restored model, or the second step compiles again
     return restored._replace(opt_state=jax.device_put(opt_state, jax.local_devices()[0]))
 

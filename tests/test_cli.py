@@ -312,3 +312,30 @@ def test_ctrl_c_during_train_stops_cleanly_and_resumes(tmp_path):
     out = run("train", "--steps", str(steps[-1] + 1), "--out", str(run_dir), "--resume", *common)
     assert f"over 1 step after resuming at step {steps[-1]}" in out.stdout
     assert sorted(_logged_losses(run_dir)) == list(range(1, steps[-1] + 2))
+
+
+def test_a_fresh_optimizer_state_resumes_the_schedule_at_the_restored_step(tmp_path):
+    """Resuming a step saved without optimizer state starts Adam anew but keeps the learning-rate schedule in
+    step with the loop, which goes on at that step (a schedule at 0 would warm up again mid-run)."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    import eqx_models as em
+    from eqx_models.checkpoint import Checkpointer
+    from eqx_models.cli import _resume
+    from eqx_models.training import make_optimizer
+
+    cfg = em.Qwen3Config(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+    model = em.Qwen3ForCausalLM(cfg, key=jax.random.key(0))
+    optimizer = make_optimizer(1e-3, total_steps=100, warmup_steps=10)
+    with Checkpointer(tmp_path) as checkpointer:
+        checkpointer.save(40, model)
+        restored = _resume(checkpointer, model, optimizer.init(eqx.filter(model, eqx.is_inexact_array)), True)
+    counts = dict(optax.tree_utils.tree_get_all_with_path(restored.opt_state, "count"))
+    by_state = {path[-1].tuple_name: int(count) for path, count in counts.items()}
+    assert restored.step == 40 and by_state == {"ScaleByAdamState": 0, "ScaleByScheduleState": 40}
+    moments = optax.tree_utils.tree_get(restored.opt_state, "mu")
+    assert all(not jnp.any(m) for m in jax.tree.leaves(moments))
