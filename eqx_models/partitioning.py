@@ -403,7 +403,8 @@ def expert_parallel(
     results back. Expert weights enter split over experts and width only: FSDP shards are gathered at entry.
 
     Dropless routing (`capacity_factor=None`) gives the unsharded result. With a capacity factor, capacity
-    is per device (as in GShard and MaxText), so which tokens are dropped can differ from a one-device run.
+    counts the tokens each device routes (GShard's groups; MaxText counts per sequence), so which tokens are
+    dropped can differ from a one-device run.
     Experts are split only when the tokens are split over the same axes (each device brings its own tokens to
     the exchange); otherwise every device runs every expert on its own tokens.
     """

@@ -23,7 +23,8 @@ Compute paths (`impl`):
   the grouped blocks (a few tokens: a decode step) it is always grouped.
 `capacity_factor=None` is dropless (capacity = number of tokens); otherwise each expert keeps
 `ceil(tokens * top_k / experts * capacity_factor)` rows and later (token, choice) pairs over capacity are
-dropped, in token order, identically in every path.
+dropped, in token order, identically in every path. Tokens are all those of the call (every leading dim):
+MaxText's dense path counts capacity per sequence instead, `max(ceil(seq * top_k / experts) * factor, factor)`.
 
 The sorted and dense paths fill per-expert buffers `[experts, capacity, embed]` and hand them to one expert
 function (`RoutedMoE.forward(..., expert_fn=)`); expert parallelism (`eqx_models.partitioning.expert_parallel`)
