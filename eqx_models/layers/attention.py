@@ -214,6 +214,15 @@ def merge_attention(
     return out.astype(outputs[0].dtype), (global_max, total)
 
 
+def _cudnn_max_head_dim(backend: str) -> int:
+    """cuDNN fused attention takes head_dim up to 256 from Hopper (compute capability 9.0) on, 128 before."""
+    try:
+        capability = jax.devices("gpu")[0].compute_capability if backend == "gpu" else "9.0"
+    except RuntimeError:  # asked about a GPU where there is none (tests): Hopper's limit
+        capability = "9.0"
+    return 256 if tuple(int(part) for part in capability.split(".")[:2]) >= (9, 0) else 128
+
+
 def select_kernel(
     requested: str,
     *,
@@ -228,14 +237,17 @@ def select_kernel(
     backend: str | None = None,
 ) -> Literal["dot_product", "cudnn"]:
     """The kernel that runs: `requested` unless "auto", which picks cuDNN fused attention on GPU when every
-    feature in use is one it supports (bf16/fp16, no cache, causal / sliding / full mask without bidirectional
-    blocks or chunking, no soft cap, sinks, dropout or fp32 qk product), and the reference path otherwise."""
+    feature in use is one it supports (bf16/fp16, head_dim a multiple of 8 up to 256 from Hopper on, else 128, no
+    cache, causal / sliding / full mask without bidirectional blocks or chunking, even lengths with segment ids
+    (cuDNN's bias gradient needs them), no soft cap, sinks, dropout or fp32 qk product), and the reference path
+    otherwise."""
     backend = backend or jax.default_backend()
     supported = (
         jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim % 8 == 0
-        and head_dim <= 256
+        and head_dim <= _cudnn_max_head_dim(backend)
         and not cached
+        and not (mask.segmented and (mask.q_index.shape[0] % 2 or mask.kv_index.shape[0] % 2))
         and mask.attention_type in ("global", "local_sliding", "full")
         and mask.q_blocks is None
         and logits_soft_cap is None
@@ -249,7 +261,8 @@ def select_kernel(
         if not supported:
             raise ValueError(
                 "attention_kernel='cudnn' cannot run this configuration (needs bf16/fp16, head_dim % 8 == 0 and "
-                "<= 256, no KV cache, causal/sliding/full mask, no soft cap, sinks, dropout or bidirectional blocks)"
+                f"<= {_cudnn_max_head_dim(backend)}, no KV cache, causal/sliding/full mask, even lengths with "
+                "segment ids, no soft cap, sinks, dropout or bidirectional blocks)"
             )
         return "cudnn"
     if requested == "dot_product":
