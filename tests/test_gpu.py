@@ -22,7 +22,12 @@ from tests.reference import assert_close, max_rel_err, numpy_grouped_matmul
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="needs a GPU (CUDA backend)")
 
-TRITON, CUDNN = "__gpu$xla.gpu.triton", "cudnn"
+CUDNN = "cudnn"
+
+
+def _has_triton_call(text: str) -> bool:
+    """jaxlib <= 0.10.2 hands a Triton kernel to XLA; later ones compile it at lowering and call it through FFI."""
+    return "__gpu$xla.gpu.triton" in text or "triton_kernel_call_ffi" in text
 
 
 def _lowered(fn, *args) -> str:
@@ -116,7 +121,7 @@ def test_chunk_pallas_matches_xla_chunk(rng, dtype, tol):
             return jnp.concatenate([o.astype(jnp.float32).reshape(-1), final.reshape(-1)])
         return fn
 
-    assert TRITON in _lowered(jax.grad(lambda *a: jnp.sum(form(True)(*a))), q, k, v, g, beta, state)
+    assert _has_triton_call(_lowered(jax.grad(lambda *a: jnp.sum(form(True)(*a))), q, k, v, g, beta, state))
     ours, ours_grads = _value_and_grads(form(True), q, k, v, g, beta, state)
     ref, ref_grads = _value_and_grads(form(False), q, k, v, g, beta, state)
     assert_close(ours, ref, tol, "chunk_pallas output and final state")
@@ -140,6 +145,30 @@ def test_grouped_matmul_matches_float64(rng, dtype, tol):
         assert_close(ours, ref, tol, f"grouped matmul {name}")
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_kernels_launch_at_the_default_matmul_precision(rng, dtype):
+    """The tests here run at "highest" precision (conftest); training runs at the default, where float32 dots are
+    TF32 and their tiles take more shared memory: every kernel, forward and backward, must still compile and give
+    finite values there."""
+    q, k, v, g, beta, state = _gdn_inputs(rng, dtype)
+    x = jnp.asarray(rng.standard_normal((512, 256)), dtype)
+    w = jnp.asarray(rng.standard_normal((4, 256, 384)) / 16, dtype)
+    tile_expert = jnp.asarray([0, 1, 1, 3], jnp.int32)
+
+    def gdn(q, k, v, g, beta, state):
+        o, final = gd.chunk_gated_delta_rule(q, k, v, g, beta, initial_state=state, pallas=True)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(final)
+
+    def gmm(x, w):
+        return jnp.sum(grouped_matmul(x, w, tile_expert, 128).astype(jnp.float32))
+
+    with jax.default_matmul_precision("default"):
+        grads = jax.jit(jax.grad(gdn, argnums=range(6)))(q, k, v, g, beta, state)
+        grads += jax.jit(jax.grad(gmm, argnums=(0, 1)))(x, w)
+    for grad in grads:
+        assert bool(jnp.all(jnp.isfinite(grad)))
+
+
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
 def test_grouped_pallas_moe_matches_xla_grouped(rng, dtype, tol):
     """A dropless MoE layer (2048 tokens, 16 experts, top-4) through the Triton grouped matmul vs XLA's grouped
@@ -150,7 +179,7 @@ def test_grouped_pallas_moe_matches_xla_grouped(rng, dtype, tol):
         return RoutedMoE(256, 128, 16, 4, impl=impl, dtype=dtype, key=jax.random.key(0))
 
     call = lambda m, x: m(x)[0]  # noqa: E731
-    assert TRITON in _lowered(call, layer("grouped_pallas"), x)
+    assert _has_triton_call(_lowered(call, layer("grouped_pallas"), x))
     ours, ours_grads = _value_and_grads(call, layer("grouped_pallas"), x)
     ref, ref_grads = _value_and_grads(call, layer("grouped"), x)
     assert_close(ours, ref, tol, "grouped_pallas output")

@@ -397,11 +397,12 @@ def _check_pallas_tiles(chunk_size: int, key_dim: int, value_dim: int) -> None:
         raise ValueError(f"chunk_pallas on GPU needs tiles that are powers of two >= 16 (Triton), got {tiles}")
 
 
-def _pallas_call(kernel, chunk_decay: Array, value_dim: int, ins, outs, name: str):
+def _pallas_call(kernel, chunk_decay: Array, value_dim: int, ins, outs, name: str, stages: int):
     """Runs `kernel` on a grid `(batch, heads, value blocks)`: every program sees all chunks of its (batch row,
     head) and one block of value columns. `ins` / `outs` are `(shape, split)` pairs: `(chunks, batch, heads, rows,
     cols)` arrays whose `cols` are value columns when `split` (else whole), `(batch, heads, key_dim, value_dim)`
-    states, or the `(chunks, batch, heads)` chunk decays. Off GPU the kernel runs in Pallas's interpreter."""
+    states, or the `(chunks, batch, heads)` chunk decays. `stages`: Triton's software pipelining depth, bounded
+    by shared memory. Off GPU the kernel runs in Pallas's interpreter."""
     _, batch, heads = chunk_decay.shape
     block = min(_PALLAS_VALUE_BLOCK, value_dim)
 
@@ -420,7 +421,7 @@ def _pallas_call(kernel, chunk_decay: Array, value_dim: int, ins, outs, name: st
         in_specs=[spec(*x) for x in ins],
         out_specs=[spec(*x) for x in outs],
         out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for shape, _ in outs],
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=stages),
         interpret=interpret(),
         name=name,
     )
@@ -447,7 +448,8 @@ def _pallas_chunk_scan(q_in, intra, u, w, k_out, chunk_decay, state, *, keep_sta
     outs = [(u.shape, True), (state.shape, True)]
     if keep_states:
         outs += [((chunks, *state.shape), True), (u.shape, True)]
-    call = _pallas_call(kernel, chunk_decay, u.shape[-1], ins, outs, "gated_delta_chunk_scan")
+    # two stages would need 256 KB of shared memory with TF32 dots (an H100 has 227 KB); one needs 56 KB
+    call = _pallas_call(kernel, chunk_decay, u.shape[-1], ins, outs, "gated_delta_chunk_scan", stages=1)
     return call(q_in, intra, u, w, k_out, chunk_decay, state)
 
 
@@ -469,7 +471,7 @@ def _pallas_chunk_scan_bwd(d_state, d_v, w, k_out, chunk_decay, d_final):
     ins = [(d_state.shape, True), (d_v.shape, True), (w.shape, False), (k_out.shape, False),
            (chunk_decay.shape, False), (d_final.shape, True)]
     outs = [(d_state.shape, True), (d_v.shape, True), (d_final.shape, True)]
-    call = _pallas_call(kernel, chunk_decay, d_v.shape[-1], ins, outs, "gated_delta_chunk_scan_bwd")
+    call = _pallas_call(kernel, chunk_decay, d_v.shape[-1], ins, outs, "gated_delta_chunk_scan_bwd", stages=2)
     return call(d_state, d_v, w, k_out, chunk_decay, d_final)
 
 

@@ -32,12 +32,14 @@ def grouped_matmul_tiles_fit(tile_rows: int, k: int, n: int) -> bool:
     return tiles_fit(tile_rows, _tile(k, _BLOCK_K), _tile(n, _BLOCK_N))
 
 
-def _call(kernel, grid, out_shape, name):
+def _call(kernel, grid, out_shape, name, dtype):
+    """Three pipeline stages of 2-byte tiles; two of 4-byte ones, whose float32 weight-gradient tiles need 295 KB
+    of shared memory at three (an H100 has 227 KB)."""
     return pl.pallas_call(
         kernel,
         grid=grid,
         out_shape=out_shape,
-        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=3),
+        compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=3 if jnp.dtype(dtype).itemsize <= 2 else 2),
         interpret=interpret(),
         name=name,
     )
@@ -63,7 +65,7 @@ def _gmm(x, w, tile_expert, tile_rows: int, transpose: bool):
         out_ref[tile, cols] = acc.astype(out_ref.dtype)
 
     out_shape = jax.ShapeDtypeStruct((rows, n), x.dtype)
-    return _call(kernel, (rows // tile_rows, n // bn), out_shape, "grouped_matmul")(tile_expert, x, w)
+    return _call(kernel, (rows // tile_rows, n // bn), out_shape, "grouped_matmul", x.dtype)(tile_expert, x, w)
 
 
 def _tgmm(x, dy, tile_expert, tile_rows: int, num_experts: int):
@@ -85,9 +87,8 @@ def _tgmm(x, dy, tile_expert, tile_rows: int, num_experts: int):
         dw_ref[e, ks, ns] = jax.lax.fori_loop(first_ref[e], last_ref[e], body, jnp.zeros((bk, bn), jnp.float32))
 
     out_shape = jax.ShapeDtypeStruct((num_experts, k, n), jnp.float32)
-    return _call(kernel, (num_experts, k // bk, n // bn), out_shape, "grouped_matmul_weight_grad")(
-        first, last, x, dy
-    )
+    name = "grouped_matmul_weight_grad"
+    return _call(kernel, (num_experts, k // bk, n // bn), out_shape, name, x.dtype)(first, last, x, dy)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
