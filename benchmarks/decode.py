@@ -1,6 +1,7 @@
 """Batch-1 greedy decode of a Qwen3-0.6B-shaped model (random weights, bf16) after a 1024-token prompt with
 `em.generate`: decode tokens/s (from two generation lengths, so the prefill cancels), end-to-end tokens/s, and
 the HBM bandwidth limit (parameter bytes + KV-cache bytes read per token, vs the device's bandwidth) beside it.
+The model is unrolled once beforehand, as a sampling loop or server holds it, so no call copies its weights.
 
     python benchmarks/decode.py [--small] [--prompt 1024] [--new-tokens 32 288] [--record]
 """
@@ -40,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = em.Qwen3Config(**shape, dtype=args.dtype, param_dtype=args.dtype)
     key = jax.random.key(args.seed)
     model = em.Qwen3ForCausalLM(cfg, key=key)
+    model = eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())
     env = common.jax_environment()
 
     def make_inputs(i):
