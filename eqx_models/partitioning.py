@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import functools
 import math
+import numbers
 import re
 import sys
 import types
@@ -44,18 +45,19 @@ AnyMesh = Mesh | AbstractMesh
 MESH_AXES = ("data", "fsdp", "expert", "context", "tensor")
 
 
-def make_mesh(axes: Mapping[str, int], *, devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(axes: Mapping[str, numbers.Integral], *, devices: Sequence[Any] | None = None) -> Mesh:
     """A mesh over `devices` (default: every device of every process) with the axes `MESH_AXES` in that order;
     axes not named get size 1. The sizes must multiply to the device count; one size may be -1 to take what is
     left."""
     unknown = sorted(set(axes) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"unknown mesh axes {unknown}; choose from {MESH_AXES}")
-    bad = {n: s for n, s in axes.items() if not isinstance(s, int) or isinstance(s, bool) or s == 0 or s < -1}
+    bad = {n: s for n, s in axes.items()
+           if not isinstance(s, numbers.Integral) or isinstance(s, bool) or s == 0 or s < -1}
     if bad:
         raise ValueError(f"mesh axis sizes must be positive ints or -1, got {bad}")
     devices = list(jax.devices() if devices is None else devices)
-    sizes = dict(axes)
+    sizes = {name: int(size) for name, size in axes.items()}
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:
         raise ValueError(f"at most one mesh axis may be -1, got {fill}")
@@ -78,6 +80,8 @@ def parse_mesh(text: str) -> dict[str, int]:
         name, sep, size = item.partition("=")
         if not sep or not re.fullmatch(r"-?\d+", size.strip()):
             raise ValueError(f"mesh entries look like name=size, got {item!r} in {text!r}")
+        if name.strip() in axes:
+            raise ValueError(f"mesh axis {name.strip()!r} is given twice in {text!r}")
         axes[name.strip()] = int(size)
     return axes
 
@@ -165,7 +169,18 @@ class Rules:
     axes: Mapping[str, tuple[str, ...]] = dataclasses.field(default_factory=lambda: dict(AXIS_RULES))
 
     def __post_init__(self):
-        params = tuple((str(pattern), tuple(names)) for pattern, names in self.params)
+        if isinstance(self.params, (str, Mapping)):
+            raise ValueError(f"Rules.params must be a sequence of (pattern, names) pairs, got {self.params!r}")
+        params = []
+        for entry in self.params:
+            if isinstance(entry, str) or not isinstance(entry, Sequence) or len(entry) != 2:
+                raise ValueError(f"Rules.params entries are (pattern, names) pairs, got {entry!r}")
+            pattern, names = entry
+            if isinstance(names, str) or not isinstance(names, Sequence):
+                raise ValueError(f"Rules.params names of {pattern!r} must be a tuple of dimension names, got "
+                                 f"{names!r} (a single name needs a comma: ({names!r},))")
+            params.append((str(pattern), tuple(names)))
+        params = tuple(params)
         for name, mesh_axes in self.axes.items():
             if isinstance(mesh_axes, str) or not all(isinstance(a, str) for a in mesh_axes):
                 raise ValueError(f"Rules.axes[{name!r}] must be a tuple of mesh axes, got {mesh_axes!r}")
@@ -206,11 +221,28 @@ def _compiled(pattern: str) -> re.Pattern:
     return re.compile(rf"(?:^|/)(?:{pattern})$")
 
 
+@functools.cache
+def _check_mesh(mesh_shape: tuple[tuple[str, int], ...], rules: Rules) -> None:
+    """A mesh axis no rule uses would leave everything replicated along it, and a rule naming an axis that is
+    neither in the mesh nor one of `MESH_AXES` is a typo: both are errors rather than silent replication."""
+    named = {axis for axes in rules.axes.values() for axis in axes}
+    mesh_axes = dict(mesh_shape)
+    unused = sorted(axis for axis, size in mesh_axes.items() if size > 1 and axis not in named)
+    if unused:
+        raise ValueError(f"mesh axes {unused} are used by no sharding rule (the rules use {sorted(named)}): build "
+                         "the mesh with partitioning.make_mesh, or map dimension names to them in Rules(axes=...)")
+    unknown = sorted(axis for axis in named if axis not in mesh_axes and axis not in MESH_AXES)
+    if unknown:
+        raise ValueError(f"Rules.axes name mesh axes {unknown}, which are neither in the mesh "
+                         f"{tuple(mesh_axes)} nor among {MESH_AXES}")
+
+
 def _dim_axes(
     name: str, size: int, mesh_shape: Mapping[str, int], rules: Rules, used: set[str]
 ) -> tuple[str, ...]:
+    """The mesh axes dimension `name` of `size` is split over; none for a name the rules do not map."""
     taken, product = [], 1
-    for axis in rules.axes[name]:
+    for axis in rules.axes.get(name, ()):
         n = mesh_shape.get(axis, 1)
         if n > 1 and axis not in used and axis not in taken and size % (product * n) == 0:
             taken.append(axis)
@@ -221,6 +253,7 @@ def _dim_axes(
 def spec_for(names: DimNames, shape: Sequence[int], mesh: AnyMesh, rules: Rules | None = None) -> P:
     """The `PartitionSpec` of an array of `shape` whose trailing dimensions are called `names`."""
     rules = DEFAULT_RULES if rules is None else rules
+    _check_mesh(tuple(dict(mesh.shape).items()), rules)
     if len(names) > len(shape):
         raise ValueError(f"sharding names {names} need {len(names)} or more dimensions, got {tuple(shape)}")
     entries: list[Any] = [None] * (len(shape) - len(names))
@@ -246,6 +279,7 @@ def _leaf_spec(path: Sequence[Any], leaf: Any, mesh: AnyMesh, rules: Rules) -> P
     if match is None:
         return P()
     pattern, names = match
+    _check_mesh(tuple(dict(mesh.shape).items()), rules)
     try:
         return spec_for(names, leaf.shape, mesh, rules)
     except ValueError as e:
@@ -269,7 +303,12 @@ def shard(tree: T, mesh: Mesh, rules: Rules | None = None) -> T:
     Arrays must hold the same value on every process (jax checks), e.g. a model built on each process from the
     same key; each process then transfers only its own shards. As with `jax.device_put`, a placed array may share
     device buffers with the one given (a replicated leaf keeps its buffer on the device it was on), so a training
-    step that donates the result (`make_train_step`) also invalidates those leaves of `tree`."""
+    step that donates the result (`make_train_step`) also invalidates those leaves of `tree`.
+
+    Optimizer states are placed by the same rules, matched by the parameter path their leaves end with: right
+    for states shaped like their parameters (Adam's moments, momentum). Factored states (Adafactor's row and
+    column statistics) are not: initialise those from the sharded parameters under `jax.jit` instead, which
+    lays them out from the parameters' shardings."""
     rules = DEFAULT_RULES if rules is None else rules
 
     def place(path, leaf):
@@ -465,7 +504,10 @@ def constrain(model: T, mesh: Mesh, rules: Rules | None = None) -> T:
     def wrap(node):
         if not isinstance(node, Transformer):
             return node
-        blocks = tuple(ConstrainedLayer(block, mesh, rules) for block in node.blocks)
+        if node.unrolled:  # `blocks[repeat][position]`, one layer each
+            blocks = tuple(tuple(ConstrainedLayer(layer, mesh, rules) for layer in block) for block in node.blocks)
+        else:
+            blocks = tuple(ConstrainedLayer(block, mesh, rules) for block in node.blocks)
         outer = {"embed": node.embed, "norm": node.norm, "lm_head": node.lm_head, "mtp": node.mtp}
         outer = _with_expert_parallel(_gathered(outer, mesh, rules), mesh, rules)  # keys keep the rule paths
         return eqx.tree_at(lambda t: (t.blocks, t.embed, t.norm, t.lm_head, t.mtp), node,

@@ -18,6 +18,7 @@
 """
 
 import ast
+import inspect
 import math
 import re
 import subprocess
@@ -292,6 +293,10 @@ def test_expert_parallel_moe_layer(impl, getkey):
         assert_close(a, b, 1e-6, f"{impl} router {name}")
     for (path, a), (_, b) in zip(_leaves(g), _leaves(g_ref), strict=True):
         assert_close(a, b, 1e-5, f"{impl} grad {path}")
+    data_only = partitioning.Rules(params=((".*", ()),), axes={"batch": ("data",), "length": ()})
+    data_mesh = partitioning.make_mesh({"data": 2}, devices=jax.devices()[:2])
+    y = eqx.filter_jit(lambda m, x: partitioning.expert_parallel(m, x, mask, data_mesh, data_only))(moe, x)[0]
+    assert_close(y, y_ref, 1e-6, f"{impl} with rules that map no experts or mlp dimension")
 
 
 # ---------------------------------------------------------------------------------------------- meshes, rules
@@ -313,9 +318,12 @@ def test_make_mesh():
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             partitioning.make_mesh(axes)
+    assert dict(partitioning.make_mesh({"data": np.int64(8)}).shape)["data"] == 8
     assert partitioning.parse_mesh("data=2, fsdp=-1") == {"data": 2, "fsdp": -1}
     with pytest.raises(ValueError, match="name=size"):
         partitioning.parse_mesh("data:2")
+    with pytest.raises(ValueError, match="mesh axis 'data' is given twice"):
+        partitioning.parse_mesh("data=2,data=4")
 
 
 def _abstract(**axes):
@@ -348,6 +356,42 @@ def test_rule_resolution_and_fallbacks():
         partitioning.Rules(axes={**partitioning.AXIS_RULES, "embed": "fsdp"})
     with pytest.raises(ValueError, match="must map 'batch'"):
         partitioning.Rules(params=(), axes={"embed": ("fsdp",), "length": ()})
+    # our own checks, which users meet (the suite's type-check hook would catch these first)
+    unchecked_init = inspect.unwrap(partitioning.Rules.__init__)
+    for params, message in [
+        ((("mlp_0/bias", ("mlp")),), re.escape("a single name needs a comma: ('mlp',)")),
+        ((("query/kernel",),), "entries are \\(pattern, names\\) pairs"),
+        ({"query/kernel": ("embed", "heads", "head_dim")}, "must be a sequence of \\(pattern, names\\) pairs"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            unchecked_init(object.__new__(partitioning.Rules), params=params)
+
+
+def test_meshes_and_rules_that_would_replicate_everything_are_errors():
+    """A mesh axis that no rule uses (a mesh not made by `make_mesh`) and a rule naming an axis that exists
+    nowhere (a typo) would leave the arrays replicated along it without a word."""
+    foreign = AbstractMesh((2, 4), ("dp", "tp"))
+    with pytest.raises(ValueError, match="mesh axes \\['dp', 'tp'\\] are used by no sharding rule"):
+        partitioning.shard({"query": {"kernel": jnp.zeros((8, 4, 2))}}, jax.make_mesh((2, 4), ("dp", "tp")))
+    with pytest.raises(ValueError, match="are used by no sharding rule"):
+        partitioning.batch_spec((8, 12), foreign)
+    typo = partitioning.Rules(axes={**partitioning.AXIS_RULES, "embed": ("fdsp",)})
+    with pytest.raises(ValueError, match="name mesh axes \\['fdsp'\\], which are neither in the mesh"):
+        partitioning.spec_for(("embed",), (8,), _abstract(fsdp=2), typo)
+    mapped = partitioning.Rules(axes={**partitioning.AXIS_RULES, "batch": ("dp",), "mlp": ("tp",)})
+    assert partitioning.spec_for(("batch", None, "mlp"), (8, 3, 8), foreign, mapped) == P("dp", None, "tp")
+
+
+def test_constrain_runs_an_unrolled_model():
+    """`constrain` wraps each layer of an unrolled model (the layout `generate` decodes with) and computes the
+    plain model's logits."""
+    model = _random_model("dense")
+    unrolled = eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())
+    mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    ids = _batch()["input_ids"]
+    sharded = partitioning.shard(unrolled, mesh)
+    logits = eqx.filter_jit(lambda m, x: partitioning.constrain(m, mesh)(x))(sharded, ids)
+    assert_close(logits, model(ids), 1e-5, "constrained unrolled logits")
 
 
 def test_rules_match_whole_trailing_components():
