@@ -1,5 +1,6 @@
-"""`eqx_models.layers.attention` and the KV cache: parity with HF `Qwen3Attention` / `Qwen3NextAttention`,
-cache consistency, masks and kernel features vs float64 NumPy attention, kernel selection, bad-input errors."""
+"""`eqx_models.layers.attention` and the KV cache: parity with HF `Qwen3Attention` / `Qwen3NextAttention` /
+`Qwen2Attention`, cache consistency, masks and kernel features (output bias, dropout included) vs float64 NumPy
+attention, kernel selection, bad-input errors."""
 
 import math
 
@@ -10,7 +11,8 @@ import jaxtyping
 import numpy as np
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3NextConfig
+from transformers import Qwen2Config, Qwen3Config, Qwen3NextConfig
+from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention, Qwen2RotaryEmbedding
 from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3RotaryEmbedding
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention, Qwen3NextRotaryEmbedding
 
@@ -67,8 +69,9 @@ def _nudge(layer, rng, *, names=("query_norm", "key_norm", "value_norm")):
 # Float64 NumPy references
 
 
-def np_attention(q, k, v, mask, scale, *, soft_cap=None, sinks=None):
-    """Softmax attention in float64; `mask[b, t, s]` True = attend; query head h reads kv head h // groups."""
+def np_attention(q, k, v, mask, scale, *, soft_cap=None, sinks=None, keep=None, dropout_rate=0.0):
+    """Softmax attention in float64; `mask[b, t, s]` True = attend; query head h reads kv head h // groups.
+    With `keep[b, h, t, s]` (dropout's kept probabilities), `probs` becomes `keep * probs / (1 - dropout_rate)`."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     groups = q.shape[2] // k.shape[2]
     k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
@@ -83,6 +86,8 @@ def np_attention(q, k, v, mask, scale, *, soft_cap=None, sinks=None):
     probs = probs / probs.sum(-1, keepdims=True)
     if sinks is not None:
         probs = probs[..., :-1]
+    if keep is not None:
+        probs = np.where(keep, probs / (1.0 - dropout_rate), 0.0)
     return np.einsum("bhts,bshd->bthd", probs, v)
 
 
@@ -127,22 +132,21 @@ def _hf_mask(seq, pads):
 
 
 def _from_hf(layer, hf):
-    """HF Linear weight (out, in) -> our kernel (in, *out); biases (out,) -> (*out); q/k norm weights as is."""
+    """HF Linear weight (out, in) -> our kernel (in, *out); biases (out,) -> (*out) for every HF projection that
+    has one (ours must too); q/k norm weights as is, when HF has them."""
     weights = {n: p.detach().numpy() for n, p in hf.named_parameters()}
-    kernel = lambda name, like: jnp.asarray(weights[name].T.reshape(like.kernel.shape))  # noqa: E731
-    layer = eqx.tree_at(
-        lambda m: (m.query.kernel, m.key.kernel, m.value.kernel, m.out.kernel, m.query_norm.scale, m.key_norm.scale),
-        layer,
-        (kernel("q_proj.weight", layer.query), kernel("k_proj.weight", layer.key),
-         kernel("v_proj.weight", layer.value), kernel("o_proj.weight", layer.out),
-         jnp.asarray(weights["q_norm.weight"]), jnp.asarray(weights["k_norm.weight"])),
-    )
-    if "q_proj.bias" not in weights:
-        return layer
     projections = lambda m: (m.query, m.key, m.value, m.out)  # noqa: E731
-    biases = [jnp.asarray(weights[f"{n}_proj.bias"].reshape(p.bias.shape))
-              for n, p in zip("qkvo", projections(layer))]
-    return eqx.tree_at(lambda m: tuple(p.bias for p in projections(m)), layer, tuple(biases))
+    kernels = [jnp.asarray(weights[f"{n}_proj.weight"].T.reshape(p.kernel.shape))
+               for n, p in zip("qkvo", projections(layer))]
+    layer = eqx.tree_at(lambda m: tuple(p.kernel for p in projections(m)), layer, tuple(kernels))
+    if "q_norm.weight" in weights:
+        layer = eqx.tree_at(lambda m: (m.query_norm.scale, m.key_norm.scale), layer,
+                            (jnp.asarray(weights["q_norm.weight"]), jnp.asarray(weights["k_norm.weight"])))
+    for i, name in enumerate("qkvo"):
+        if f"{name}_proj.bias" in weights:
+            bias = jnp.asarray(weights[f"{name}_proj.bias"].reshape(projections(layer)[i].bias.shape))
+            layer = eqx.tree_at(lambda m, i=i: projections(m)[i].bias, layer, bias)
+    return layer
 
 
 def _nudge_hf(module):
@@ -218,6 +222,47 @@ def test_matches_hf_qwen3_next_attention(getkey, rng):
     ours = _from_hf(ours, hf)
     y, _ = _apply(ours, jnp.asarray(x))
     assert_close(y, ref, 1e-5, "Qwen3NextAttention (gated, zero-centred norms, partial RoPE)")
+
+
+def test_qkv_bias_without_out_bias_matches_hf_qwen2_attention(getkey, rng):
+    """`use_bias=True, use_out_bias=False` is HF `Qwen2Attention` (biased q/k/v, unbiased o_proj): random q/k/v
+    biases N(0, 0.5^2), row 0 left-padded by 3, vs HF eager, 1e-5."""
+    torch.manual_seed(int(rng.integers(2**31)))
+    cfg = Qwen2Config(
+        vocab_size=256, hidden_size=E, intermediate_size=128, num_hidden_layers=1, num_attention_heads=H,
+        num_key_value_heads=2, rope_parameters={"rope_type": "default", "rope_theta": 1e6},
+        attn_implementation="eager",
+    )
+    hf = Qwen2Attention(cfg, 0).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(0.5 * torch.randn_like(p))
+    batch, seq, pads = 2, 9, np.array([3, 0])
+    positions = np.maximum(np.arange(seq)[None] - pads[:, None], 0)
+    x = rng.standard_normal((batch, seq, E)).astype(np.float32)
+    cos, sin = Qwen2RotaryEmbedding(cfg)(torch.from_numpy(x), torch.from_numpy(positions))
+    with torch.no_grad():
+        ref = hf(torch.from_numpy(x), (cos, sin), _hf_mask(seq, pads))[0].numpy()
+    ours = Attention(E, H, 2, D, rope_theta=1e6, use_bias=True, use_out_bias=False, key=getkey())
+    assert ours.out.bias is None and all(p.bias is not None for p in (ours.query, ours.key, ours.value))
+    ours = _from_hf(ours, hf)
+    segment_ids = jnp.asarray(np.arange(seq)[None] >= pads[:, None], jnp.int32)
+    y, _ = _apply(ours, jnp.asarray(x), jnp.asarray(positions, jnp.int32), segment_ids=segment_ids)
+    real = np.arange(seq)[None] >= pads[:, None]
+    assert_close(np.asarray(y)[real], ref[real], 1e-5, "Qwen2Attention (q/k/v bias, no o_proj bias)")
+
+
+def test_out_bias_without_qkv_bias(getkey, rng):
+    """`use_bias=False, use_out_bias=True`: only the output projection has a bias (random N(0, 0.5^2)), added
+    after the output kernel, vs float64 NumPy, 1e-5."""
+    layer = _layer(getkey, use_out_bias=True)
+    assert all(p.bias is None for p in (layer.query, layer.key, layer.value)) and layer.out.bias.shape == (E,)
+    bias = 0.5 * rng.standard_normal(E)
+    layer = eqx.tree_at(lambda m: m.out.bias, layer, jnp.asarray(bias, jnp.float32))
+    x = _x(rng, (2, 9, E))
+    y, _ = _apply(layer, x)
+    assert_close(y, np_layer(layer, x, np_causal(2, 9)) + bias, 1e-5, "output projection bias")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -584,8 +629,12 @@ def test_select_kernel():
         dict(common, mask=chunk), dict(common, float32_qk_product=True), dict(common, head_dim=20),
         dict(common, head_dim=512),
     ]
+    odd = AttentionMask.build(jnp.ones((1, 5), jnp.int32))  # cuDNN's bias gradient needs even lengths
+    unsupported.append(dict(common, mask=odd))
     for kwargs in unsupported:
         assert select_kernel("auto", **kwargs, backend="gpu") == "dot_product", kwargs
+    unsegmented_odd = AttentionMask.build(jnp.ones((1, 5), jnp.int32), segmented=False)
+    assert select_kernel("auto", **dict(common, mask=unsegmented_odd), backend="gpu") == "cudnn"
     assert select_kernel("dot_product", **common, backend="gpu") == "dot_product"
     with pytest.raises(ValueError, match="needs a GPU backend, this one is 'cpu'"):
         select_kernel("cudnn", **common)
@@ -657,17 +706,25 @@ def test_default_kernel_runs_reference_path_on_cpu(getkey, rng):
 
 
 def test_attention_dropout(getkey, rng):
-    """dropout_rate > 0 and not inference: changes the output, deterministic per key; no key -> ValueError."""
-    layer = _layer(getkey, dropout_rate=0.5)
-    x = _x(rng, (2, 9, E))
+    """dropout_rate 0.3, not inference: exactly float64 NumPy attention with `keep * probs / 0.7`, `keep` the
+    layer's draw `bernoulli(key, 0.7)` over `[batch, kv_heads, groups, q, kv]` (query head `j * groups + g`),
+    1e-5; ~70% kept; deterministic per key; no key -> ValueError; at inference no dropout."""
+    rate, batch, seq = 0.3, 2, 9
+    layer = _layer(getkey, dropout_rate=rate)
+    x = _x(rng, (batch, seq, E))
     key = getkey()
-    clean, _ = _apply(layer, x, inference=True)
     a, _ = _apply(layer, x, key=key)
     b, _ = _apply(layer, x, key=key)
-    c, _ = _apply(layer, x, key=getkey())
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert max_rel_err(a, clean) > 1e-2 and max_rel_err(a, c) > 1e-2
-    assert_close(clean, np_layer(layer, x, np_causal(2, 9)), 1e-5, "dropout layer at inference")
+    keep = np.asarray(jax.random.bernoulli(key, 1.0 - rate, (batch, 2, H // 2, seq, seq))).reshape(batch, H, seq, seq)
+    assert abs(keep.mean() - (1.0 - rate)) < 0.1
+    q, k, v = np_qkv(layer, x)
+    expected = np_out(layer, np_attention(q, k, v, np_causal(batch, seq), 1.0 / math.sqrt(D), keep=keep,
+                                          dropout_rate=rate))
+    assert_close(a, expected, 1e-5, "attention dropout 0.3 vs float64 NumPy with the same keep mask")
+    clean, _ = _apply(layer, x, inference=True)
+    assert_close(clean, np_layer(layer, x, np_causal(batch, seq)), 1e-5, "dropout layer at inference")
+    assert max_rel_err(a, clean) > 1e-2
     with pytest.raises(ValueError, match="dropout needs a key"):
         _apply(layer, x)
 

@@ -1,6 +1,7 @@
 """`Qwen3ForCausalLM` / `Qwen3MoeForCausalLM`: logits and aux-loss parity with HF transformers (float32,
-eager, 1e-5 relative; checkpoints written by HF `save_pretrained` and read by `em.from_pretrained`), packing,
-remat policies, scan flatness, unstacked layers, cached decoding (float and int8) and bfloat16."""
+eager, 1e-5 relative; checkpoints written by HF `save_pretrained` and read by `em.from_pretrained`), the final
+logit soft cap (logits and loss vs float64), packing, remat policies, scan flatness, unstacked layers, cached
+decoding (float and int8) and bfloat16."""
 
 import math
 
@@ -15,6 +16,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss
 
 import eqx_models as em
 from eqx_models.config import REMAT_POLICIES
+from eqx_models.models.transformer import Transformer
+from eqx_models.training import lm_loss
 from tests.reference import assert_close, max_rel_err
 
 VOCAB = 128
@@ -186,6 +189,44 @@ def test_saved_config_builds_the_same_hf_model(tmp_path, case):
     ids = torch.tensor(_ids(2, 2, 19))
     with torch.no_grad():
         assert_close(back(ids).logits.numpy(), hf(ids).logits.numpy(), 1e-6, f"{name} HF from our config.json")
+
+
+def _np_next_token_xent(logits, ids, segment_ids):
+    """Float64 mean cross-entropy of token `t + 1` over the positions whose successor is in the same
+    (non-padding) segment."""
+    logits = np.asarray(logits, np.float64)
+    lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
+    target = np.take_along_axis(logits[:, :-1], ids[:, 1:, None], -1)[..., 0]
+    valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
+    return np.sum((lse[:, :-1] - target) * valid) / valid.sum()
+
+
+def test_final_logits_soft_cap():
+    """`Transformer(final_logits_soft_cap=1.5)` (no Qwen3 config sets it, so built from the dense model's
+    parts): logits equal `1.5 * tanh(raw / 1.5)` in float64 of the uncapped model's logits (same weights), 1e-6;
+    `lm_loss` (chunk 4, not dividing 11; row 1 left-padded by 3) equals the float64 next-token cross-entropy of
+    the capped logits, 1e-6 (that of the raw logits differs by > 1e-2)."""
+    cap = 1.5
+    model = _random_model(_dense_cfg())
+    t = model.transformer
+    capped = eqx.tree_at(lambda m: m.transformer, model, Transformer(
+        t.embed, t.blocks, t.norm, t.lm_head, mtp=t.mtp, remat_policy=t.remat_policy, final_logits_soft_cap=cap))
+    ids, segments = _ids(9, 2, 11), _left_pad_mask(2, 11, pad=3)
+
+    @eqx.filter_jit
+    def logits_and_loss(m, ids, segments):
+        loss, _ = lm_loss(m, {"input_ids": ids, "segment_ids": segments}, chunk_size=4, inference=True)
+        return m(ids, None, segments), loss
+
+    raw, _ = logits_and_loss(model, jnp.asarray(ids, jnp.int32), jnp.asarray(segments, jnp.int32))
+    got, loss = logits_and_loss(capped, jnp.asarray(ids, jnp.int32), jnp.asarray(segments, jnp.int32))
+    raw = np.asarray(raw, np.float64)
+    assert np.abs(raw).max() > 2 * cap, "the cap does not bite: the test shows nothing"
+    ref = cap * np.tanh(raw / cap)
+    assert_close(got, ref, 1e-6, "soft-capped logits vs cap * tanh(raw / cap)")
+    ref_loss = _np_next_token_xent(ref, ids, segments)
+    assert_close(loss, ref_loss, 1e-6, "lm_loss of the soft-capped model vs float64 cross-entropy")
+    assert abs(_np_next_token_xent(raw, ids, segments) - ref_loss) > 1e-2 * ref_loss
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """`Qwen3NextForCausalLM`: logits parity with HF `Qwen3NextForCausalLM` (float32, eager, 1e-5 relative;
 checkpoints written by HF `save_pretrained`, read by `em.from_pretrained`), the Gated DeltaNet layer against HF's,
 cached decoding and chunked prefill (prefill + steps == full forward, also vs HF's cache), greedy generation vs
-HF `generate`, packed sequences, our save -> HF load, and config errors."""
+HF `generate`, packed sequences, the router aux loss vs HF's (with padding), our save -> HF load, and config
+errors."""
 
 import copy
 
@@ -15,6 +16,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextGatedDeltaNet as HFGatedDeltaNet
+from transformers.models.qwen3_next.modeling_qwen3_next import load_balancing_loss_func
 
 import eqx_models as em
 from eqx_models.layers.kv_cache import KVCache
@@ -255,7 +257,35 @@ def test_packed_sequences_do_not_see_each_other(default_pair):
 # Training and configs
 
 
-def test_gradients_are_finite_and_aux_loss_counts_moe_layers(default_pair):
+@pytest.mark.parametrize("case", [CASES[0], CASES[2]], ids=[CASES[0][0], CASES[2][0]])
+def test_router_aux_loss_matches_hf(tmp_path, case):
+    """`aux_loss` of the forward's router statistics vs HF's `aux_loss` (`output_router_logits=True`), 1e-5
+    relative, with no padding and with row 1 left-padded by 5 (HF's `attention_mask`, our segment id 0: padding
+    is left out of the router statistics; counting it moves HF's loss by > 1e-3). Every layer is MoE in the
+    first case, only layers 2 and 5 of 6 in the second (dense layers must not count)."""
+    name, overrides, _ = case
+    hf = _hf_model(seed=12, **overrides)
+    hf.save_pretrained(tmp_path)
+    ours = em.from_pretrained(tmp_path)
+    ids, mask = _ids(13, 2, 24), np.ones((2, 24), np.int64)
+    mask[1, :5] = 0
+    aux_of = eqx.filter_jit(lambda m, i, s: m.aux_loss(m.forward(i, segment_ids=s).stats))
+    for what, hf_mask in (("no padding", None), ("left-padded", mask)):
+        with torch.no_grad():
+            attention_mask = None if hf_mask is None else torch.from_numpy(hf_mask)
+            ref = hf(torch.from_numpy(ids), attention_mask=attention_mask, output_router_logits=True)
+        assert len(ref.router_logits) == (4 if name == CASES[0][0] else 2)
+        segments = np.ones_like(ids) if hf_mask is None else hf_mask
+        aux = aux_of(ours, jnp.asarray(ids, jnp.int32), jnp.asarray(segments, jnp.int32))
+        assert_close(aux, float(ref.aux_loss), 1e-5, f"{name} router aux loss ({what})")
+    cfg = hf.config
+    with_padding = load_balancing_loss_func(ref.router_logits, cfg.num_experts, cfg.num_experts_per_tok)
+    assert abs(float(with_padding) / float(ref.aux_loss) - 1) > 1e-3, "padding does not move the loss"
+
+
+def test_gradients_are_finite(default_pair):
+    """Gradients of mean logit^2 + router aux loss are finite everywhere and non-zero for the GDN-only
+    parameters (A_log, dt_bias, conv)."""
     _, ours, _ = default_pair
     ids = jnp.asarray(_ids(10, 2, 40), jnp.int32)
 
