@@ -86,14 +86,18 @@ def test_cudnn_attention_matches_reference(rng, mask, segmented):
         assert max_rel_err(ours, exact) <= 2 * max_rel_err(theirs, exact) + 1e-3
 
 
-def test_auto_kernel_is_cudnn_for_bf16_training_and_reference_for_decode():
-    """"auto" lowers an uncached bf16 causal layer to cuDNN, a float32 one and a cached step to the reference."""
+def test_auto_kernel_is_cudnn_for_bf16_training_and_prefill_and_reference_for_decode():
+    """"auto" lowers an uncached bf16 causal layer and a prefill into an empty cache to cuDNN, a float32 layer and
+    a step that reads the cache to the reference."""
     x = jnp.ones((1, 64, 256), jnp.bfloat16)
     assert CUDNN in _lowered(lambda m, x: m(x)[0], _attention("auto", jnp.bfloat16), x).lower()
     assert CUDNN not in _lowered(lambda m, x: m(x)[0], _attention("auto", jnp.float32), x.astype(jnp.float32)).lower()
     layer = _attention("auto", jnp.bfloat16)
     cache = KVCache.init(1, 64, layer.num_kv_heads, layer.head_dim, dtype=jnp.bfloat16)
-    assert CUDNN not in _lowered(lambda m, x, c: m(x, cache=c)[0], layer, x[:, :1], cache).lower()
+    step = lambda m, x, c: m(x, cache=c)[0]  # noqa: E731
+    assert CUDNN in _lowered(step, layer, x[:, :32], cache).lower()
+    _, cache = layer(x[:, :32], cache=cache)
+    assert CUDNN not in _lowered(step, layer, x[:, 32:33], cache).lower()
 
 
 # ----------------------------------------------------------------------------------------------------------

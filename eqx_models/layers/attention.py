@@ -502,17 +502,19 @@ class Attention(eqx.Module):
         else:
             scale = 1.0 / math.sqrt(self.head_dim)
 
+        reads_cache = cache is not None and not cache.empty  # an empty cache adds nothing to the new keys
         if cache is not None:
             cache = cache.update(key_, value, segment_ids)
+        if reads_cache:
             key_, value = cache.keys_values(self.dtype)
         mask = AttentionMask.build(
             segment_ids, attention_type=self.attention_type, sliding_window=self.sliding_window,
-            chunk_size=self.chunk_size, bidirectional_mask=bidirectional_mask, cache=cache, start_index=start,
-            segmented=segmented,
+            chunk_size=self.chunk_size, bidirectional_mask=bidirectional_mask, cache=cache if reads_cache else None,
+            start_index=start, segmented=segmented,
         )
         dropout = self.dropout_rate > 0.0 and not inference
         kernel = select_kernel(
-            self.attention_kernel, dtype=self.dtype, head_dim=self.head_dim, cached=cache is not None, mask=mask,
+            self.attention_kernel, dtype=self.dtype, head_dim=self.head_dim, cached=reads_cache, mask=mask,
             logits_soft_cap=self.logits_soft_cap, sinks=self.sinks is not None, dropout=dropout,
             float32_qk_product=self.float32_qk_product,
         )

@@ -35,7 +35,9 @@ class KVCache(eqx.Module):
 
     `segment_ids[b, s]` is the segment of the token in slot `s` (0: empty or padding); `end_index` is the next
     slot to write. With `quantized=True` keys and values are stored as int8 with per-(token, head) float32 scales.
-    Writing past `max_length` raises instead of wrapping.
+    Writing past `max_length` raises instead of wrapping. `empty` (static) marks a cache straight from `init`:
+    attention on it reads the new keys alone, as HF's caches return them (a prefill: `[seq, seq]` logits rather
+    than `[seq, max_length]`, through the fused kernel on GPU); every `update` returns a non-empty cache.
     """
 
     key: Shaped[Array, "batch max_length kv_heads head_dim"]
@@ -44,6 +46,7 @@ class KVCache(eqx.Module):
     value_scale: Float[Array, "batch max_length kv_heads 1"] | None
     segment_ids: Int[Array, "batch max_length"]
     end_index: Int[Array, ""]
+    empty: bool = eqx.field(static=True, default=False)
 
     @classmethod
     def init(
@@ -72,6 +75,7 @@ class KVCache(eqx.Module):
             value_scale=scales,
             segment_ids=jnp.zeros((batch, max_length), jnp.int32),
             end_index=jnp.zeros((), jnp.int32),
+            empty=True,
         )
 
     @property

@@ -671,7 +671,8 @@ def test_cudnn_mask_mapping_matches_reference(monkeypatch, rng, attention_type, 
 
 
 def test_mask_is_unsegmented_only_without_segment_ids(getkey, rng, monkeypatch):
-    """The layer marks its mask unsegmented exactly when no segment ids were given (and never with a cache)."""
+    """The layer marks its mask unsegmented exactly when no segment ids were given and it reads no cache (an
+    empty cache is not read: the new keys are all there is)."""
     built = []
     real_build = AttentionMask.build.__func__
 
@@ -684,8 +685,10 @@ def test_mask_is_unsegmented_only_without_segment_ids(getkey, rng, monkeypatch):
     x = _x(rng, (1, 6, E))
     layer(x)
     layer(x, segment_ids=jnp.ones((1, 6), jnp.int32))
-    layer(x, cache=KVCache.init(1, 8, layer.num_kv_heads, layer.head_dim))
-    assert [m.segmented for m in built] == [False, True, True]
+    _, cache = layer(x, cache=KVCache.init(1, 8, layer.num_kv_heads, layer.head_dim))
+    layer(x[:, :1], cache=cache)
+    assert [m.segmented for m in built] == [False, True, False, True]
+    assert [m.kv_index.shape[0] for m in built] == [6, 6, 6, 8]
 
 
 def test_default_kernel_runs_reference_path_on_cpu(getkey, rng):
