@@ -1,6 +1,7 @@
 """`eqx_models.generation`: greedy decoding equals HF transformers' `generate` token for token (dense and
 MoE Qwen3, left-padded batch), EOS handling and early exit, sampling filters (`top_k`, `top_p`, temperature)
-checked exactly or statistically on fixed logits, one compiled decode loop, and input validation."""
+checked exactly or statistically on fixed logits and against HF's logits warpers, one compiled decode loop,
+and input validation."""
 
 import inspect
 
@@ -321,6 +322,84 @@ def test_sample_token_top_p_keeps_smallest_prefix(top_p, kept):
     expected = np.zeros_like(probs)
     expected[kept] = probs[kept] / probs[kept].sum()
     _check_frequencies(draws, expected)
+
+
+def _hf_filtered(logits: np.ndarray, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
+    """HF `generate`'s filtered float32 scores: the warpers its `_get_logits_processor` builds for these
+    settings (temperature, then top-k, then top-p), from a tiny HF Qwen3."""
+    hf = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**dict(HF_QWEN3, num_hidden_layers=1)))
+    config = transformers.GenerationConfig(do_sample=True, temperature=temperature, top_k=top_k or 0,
+                                           top_p=1.0 if top_p is None else top_p)
+    processors = hf._get_logits_processor(config)
+    expected = [name for name, used in (("TemperatureLogitsWarper", temperature != 1.0),
+                                        ("TopKLogitsWarper", top_k is not None),
+                                        ("TopPLogitsWarper", top_p is not None)) if used]
+    assert [type(p).__name__ for p in processors] == expected
+    scores = torch.from_numpy(np.asarray(logits, np.float32))
+    return processors(torch.zeros((len(scores), 1), dtype=torch.long), scores).numpy()
+
+
+def _filtered(logits: np.ndarray, **kwargs) -> np.ndarray:
+    """The logits `sample_token` draws from, captured at its `jax.random.categorical` call."""
+    seen = []
+
+    def categorical(key, logits, axis=-1):
+        seen.append(np.asarray(logits))
+        return jnp.argmax(logits, axis=axis)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jax.random, "categorical", categorical)
+        sample_token(jnp.asarray(logits, jnp.float32), jax.random.key(0), **kwargs)
+    (filtered,) = seen
+    return filtered
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(np.asarray(logits, np.float64) - np.max(logits, -1, keepdims=True))
+    return z / z.sum(-1, keepdims=True)
+
+
+def _filter_cases() -> list:
+    """(logits rows, temperature, top_k, top_p, kept tokens per row or None). Random rows have no ties; the
+    hand-made ones put a tie on the top-k boundary (HF and we keep every tied token), a tie inside the nucleus,
+    and top_p 1e-4 above and below the mass of the two most probable tokens after temperature (that mass itself
+    is not well-defined in float32: HF sums the tail ascending, we sum the head)."""
+    rows = np.random.default_rng(3).normal(0.0, 1.5, (16, 64))
+    tied_k = np.array([[2.0, 1.0, 1.0, 0.5, -1.0, 0.2, 0.8, -0.4]])
+    tied_p = np.array([[1.0, 1.0, -0.5, 0.3, 0.1, -1.2, 0.6, 0.6]])
+    edge = np.array([[1.2, 0.3, 0.9, -0.4, 0.0, 0.5, -1.0, 0.2]])
+    head = np.sort(_softmax(edge / 0.6)[0])[::-1][:2].sum()
+    return [
+        (rows, 0.5, None, 0.8, None), (rows, 1.7, None, 0.8, None), (rows, 0.5, 10, None, None),
+        (rows, 0.6, 10, 0.7, None), (rows, 1.7, 5, 0.9, None), (rows, 1.0, 7, 0.6, None),
+        (tied_k, 0.5, 2, None, [[0, 1, 2]]), (tied_k, 1.8, 2, 0.9, [[0, 1, 2]]),
+        (tied_p, 1.5, None, 0.55, [[0, 1, 6, 7]]), (tied_p, 0.4, 6, 0.9, [[0, 1, 6, 7]]),
+        (edge, 0.6, None, head + 1e-4, [[0, 2, 5]]), (edge, 0.6, None, head - 1e-4, [[0, 2]]),
+    ]
+
+
+@pytest.mark.parametrize(("logits", "temperature", "top_k", "top_p", "kept"), _filter_cases(), ids=[
+    "top_p-T0.5", "top_p-T1.7", "top_k-T0.5", "top_k-top_p-T0.6", "top_k-top_p-T1.7", "top_k-top_p-T1",
+    "top_k-tie-T0.5", "top_k-tie-T1.8", "top_p-tie-T1.5", "top_k-top_p-tie-T0.4", "top_p-above-edge-T0.6",
+    "top_p-below-edge-T0.6"])
+def test_sample_token_filters_match_hf_warpers(logits, temperature, top_k, top_p, kept):
+    """The logits `sample_token` samples from vs HF `generate`'s warpers (`_hf_filtered`), temperature != 1
+    with top_k and top_p alone and together: the same tokens survive (exact; the expected set where given)
+    with the same probabilities (1e-6). The nucleus is taken after temperature and top-k, as in HF."""
+    ours = _filtered(logits, temperature=temperature, top_k=top_k, top_p=top_p)
+    ref = _hf_filtered(logits, temperature, top_k, top_p)
+    np.testing.assert_array_equal(np.isfinite(ours), np.isfinite(ref))
+    if kept is not None:
+        assert [np.flatnonzero(np.isfinite(row)).tolist() for row in ours] == kept
+    assert_close(_softmax(ours), _softmax(ref), 1e-6, f"filtered probabilities, T={temperature}")
+
+
+def test_sample_token_top_k_top_p_frequencies_match_hf():
+    """Sampling end to end (4000 keys) at temperature 1.6 with top_k=5 and top_p=0.7: frequencies follow HF's
+    filtered distribution (5 sigma, excluded tokens never drawn)."""
+    logits = np.array([0.3, 2.0, -1.0, 1.5, 0.1, 1.7, -0.5, 0.9, 1.6])
+    probs = _softmax(_hf_filtered(logits[None], 1.6, 5, 0.7))[0]
+    _check_frequencies(_draws(logits, 4000, temperature=1.6, top_k=5, top_p=0.7), probs)
 
 
 def test_sample_token_greedy_and_dtype():

@@ -1,8 +1,9 @@
 """`eqx_models.training`: the chunked LM-head loss equals a naive full-logits loss in value (1e-6 relative)
 and gradient (1e-5), next-token targets match a NumPy reference, z-loss / MoE aux / MTP terms are added as
-documented (also for the Qwen3-Omni thinker's text path, padded, vs its own forward and float64 NumPy), and the
-train step trains (loss falls, gradient accumulation == one full batch, MTP included, mixed precision keeps
-float32 master weights, donation); bad chunk sizes raise; `make_optimizer`'s warm-up + cosine schedule matches its
+documented (also for the Qwen3-Omni thinker's text path, padded, vs its own forward and float64 NumPy), MTP depths
+(dense Qwen3; around the layer for Qwen3-MoE and Qwen3-Next) and their loss match float64 NumPy, and the train
+step trains (loss falls, gradient accumulation == one full batch, MTP included, mixed precision keeps float32
+master weights, donation); bad chunk sizes raise; `make_optimizer`'s warm-up + cosine schedule matches its
 formula."""
 
 import math
@@ -18,7 +19,7 @@ from hypothesis import strategies as st
 
 import eqx_models as em
 from eqx_models.config import Qwen3OmniAudioConfig, Qwen3OmniThinkerTextConfig, Qwen3OmniVisionConfig
-from eqx_models.models.transformer import roll_and_mask_by_segment
+from eqx_models.models.qwen3 import Qwen3MoeDecoderLayer, Qwen3NextFullAttention
 from eqx_models.training import (
     chunked_cross_entropy,
     lm_loss,
@@ -34,13 +35,18 @@ TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_l
             tie_word_embeddings=False)
 TINY_MOE = dict(TINY, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True,
                 router_aux_loss_coef=0.5)
+TINY_NEXT = dict(TINY_MOE, num_hidden_layers=4, linear_key_head_dim=8, linear_value_head_dim=8, linear_num_key_heads=2,
+                 linear_num_value_heads=4, shared_expert_intermediate_size=16)
 
 
-def _random_model(cfg, seed: int = 0):
-    """Our model with NumPy-random parameters (norm scales 1, every other weight N(0, 0.15^2)), built from
-    `filter_eval_shape`: the real initialiser compiles for seconds even at this size."""
+def _random_model(cfg, seed: int = 0, norm_std: float = 0.0):
+    """Our model with NumPy-random parameters (every weight N(0, 0.15^2); norm scales at their init, 1 or 0 for
+    the zero-centred `1 + w` norms, plus N(0, norm_std^2)), built from `filter_eval_shape`: the real initialiser
+    compiles for seconds even at this size."""
     if isinstance(cfg, em.Qwen3OmniThinkerConfig):
         cls = em.Qwen3OmniThinkerForConditionalGeneration
+    elif isinstance(cfg, em.Qwen3NextConfig):
+        cls = em.Qwen3NextForCausalLM
     else:
         cls = em.Qwen3MoeForCausalLM if isinstance(cfg, em.Qwen3MoeConfig) else em.Qwen3ForCausalLM
     skeleton = eqx.filter_eval_shape(cls, cfg, key=jax.random.key(0))
@@ -51,7 +57,16 @@ def _random_model(cfg, seed: int = 0):
             return jnp.ones(leaf.shape, leaf.dtype)
         return jnp.asarray(0.15 * rng.standard_normal(leaf.shape), leaf.dtype)
 
-    return jax.tree_util.tree_map_with_path(fill, skeleton)
+    def is_norm(x):
+        return isinstance(x, eqx.Module) and eqx.is_array(getattr(x, "scale", None))
+
+    def nudge(x):
+        if not is_norm(x):
+            return x
+        scale = (0.0 if getattr(x, "scale_offset", 0.0) else 1.0) + norm_std * rng.standard_normal(x.scale.shape)
+        return eqx.tree_at(lambda n: n.scale, x, jnp.asarray(scale, x.scale.dtype))
+
+    return jax.tree.map(nudge, jax.tree_util.tree_map_with_path(fill, skeleton), is_leaf=is_norm)
 
 
 def _segments() -> np.ndarray:
@@ -261,43 +276,6 @@ def test_moe_loss_adds_router_aux_loss():
                  "loss = ce + coef * aux")
 
 
-@pytest.mark.slow
-def test_mtp_loss():
-    """MTP model (2 depths) vs a plain model with the same main weights: final hidden states and logits are
-    equal (1e-6); metrics hold `mtp_loss` = token-weighted mean of the depth-k cross-entropies on targets
-    k+1 ahead (naive, 1e-6); ce equals the plain model's naive loss (1e-6); loss = ce + 0.1 * mtp (1e-6)."""
-    mtp_cfg = em.Qwen3Config(**TINY, mtp_num_layers=2)
-    model = _random_model(em.Qwen3Config(**TINY), seed=3)
-
-    def main(m):
-        return m.transformer.embed, m.transformer.blocks, m.transformer.norm, m.transformer.lm_head
-
-    mtp = eqx.tree_at(main, _random_model(mtp_cfg, seed=4), main(model))
-    batch = _batch()
-    ids, seg = batch["input_ids"], batch["segment_ids"]
-
-    @eqx.filter_jit
-    def run(mtp, model, b):
-        out = mtp.forward(b["input_ids"], None, b["segment_ids"], inference=False)
-        plain = model.forward(b["input_ids"], None, b["segment_ids"])
-        naive_mtp = [_naive_lm_loss(mtp, b, shift=depth + 1, hidden=h)
-                     for depth, h in enumerate(out.mtp_hidden, start=1)]
-        return (out, plain, mtp.logits(out.hidden), model.logits(plain.hidden), lm_loss(mtp, b),
-                _naive_lm_loss(model, b, hidden=plain.hidden), naive_mtp)
-
-    out, plain, logits, plain_logits, (loss, metrics), naive, naive_mtp = run(mtp, model, batch)
-    assert_close(out.hidden, plain.hidden, 1e-6, "final hidden with vs without MTP")
-    assert_close(logits, plain_logits, 1e-6, "logits with vs without MTP")
-    assert len(out.mtp_hidden) == len(naive_mtp) == 2
-    assert "mtp_loss" in metrics
-    assert_close(metrics["cross_entropy"], naive, 1e-6, "main ce unchanged by MTP")
-    counts = [float(jnp.sum(next_token_targets(ids, seg, shift=d + 1)[1])) for d in (1, 2)]
-    expected = sum(float(x) * n for x, n in zip(naive_mtp, counts)) / sum(counts)
-    assert_close(metrics["mtp_loss"], expected, 1e-6, "mtp_loss vs naive")
-    assert mtp_cfg.mtp_loss_scaling_factor == 0.1
-    assert_close(loss, metrics["cross_entropy"] + 0.1 * metrics["mtp_loss"], 1e-6, "loss = ce + 0.1 * mtp")
-
-
 def _thinker_config() -> em.Qwen3OmniThinkerConfig:
     """Tiny Qwen3-Omni thinker (MoE text decoder with interleaved MRoPE; minimal encoders, unused here)."""
     text = Qwen3OmniThinkerTextConfig(**{k: v for k, v in TINY_MOE.items() if k != "tie_word_embeddings"},
@@ -364,23 +342,180 @@ def test_thinker_loss_padded_and_packed_under_jit():
     assert np.isfinite(head).all() and np.abs(head).max() > 0
 
 
+# ----------------------------------------------------------------------------------- multi-token prediction
+
+
+def _np_rms(x, scale, eps: float, offset: float = 0.0) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * (np.asarray(scale, np.float64) + offset)
+
+
+def _np_qwen3_layer(layer, x: np.ndarray, positions: np.ndarray, seg: np.ndarray, cfg) -> np.ndarray:
+    """Float64 HF `Qwen3DecoderLayer` on `layer`'s arrays: pre-norm GQA attention with per-head q/k norms and
+    half-split RoPE at `positions`, causal within segments, then the SwiGLU MLP on the post-attention norm."""
+    f64 = lambda a: np.asarray(a, np.float64)  # noqa: E731
+    attn, eps, half = layer.attention.self_attention, cfg.rms_norm_eps, cfg.head_dim // 2
+    h = _np_rms(x, layer.attention.pre_self_attention_layer_norm.scale, eps)
+    q = _np_rms(np.einsum("bte,ehd->bthd", h, f64(attn.query.kernel)), attn.query_norm.scale, eps)
+    k = _np_rms(np.einsum("bte,ehd->bthd", h, f64(attn.key.kernel)), attn.key_norm.scale, eps)
+    v = np.einsum("bte,ehd->bthd", h, f64(attn.value.kernel))
+    angles = np.asarray(positions, np.float64)[..., None, None] * cfg.rope_theta ** (-np.arange(half) / half)
+    cos, sin = np.cos(angles), np.sin(angles)
+
+    def rope(a):
+        first, second = a[..., :half], a[..., half:]
+        return np.concatenate([first * cos - second * sin, second * cos + first * sin], -1)
+
+    groups = cfg.num_attention_heads // cfg.num_key_value_heads
+    q, k, v = rope(q), np.repeat(rope(k), groups, axis=2), np.repeat(v, groups, axis=2)
+    t = np.arange(x.shape[1])
+    allowed = (t[:, None] >= t[None, :]) & (seg[:, :, None] == seg[:, None, :])
+    logits = np.where(allowed[:, None], np.einsum("bthd,bshd->bhts", q, k) / np.sqrt(cfg.head_dim), -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    h = x + np.einsum("bhts,bshd,hde->bte", probs, v, f64(attn.out.kernel), optimize=True)
+    up = np.einsum("bte,eif->btif", _np_rms(h, layer.attention.post_self_attention_layer_norm.scale, eps),
+                   f64(layer.mlp.wi.kernel))
+    gate = up[..., 0, :] / (1 + np.exp(-up[..., 0, :]))
+    return h + (gate * up[..., 1, :]) @ f64(layer.mlp.wo.kernel)
+
+
+def _np_mtp_combine(mtp, depth: int, embedded: np.ndarray, hidden: np.ndarray, eps: float,
+                    offset: float = 0.0) -> np.ndarray:
+    """Float64 input of MTP depth `depth + 1`'s layer (MaxText `MultiTokenPredictionLayer`):
+    `W [embedding_norm(e(t + k)); hidden_state_norm(h_(k-1))]`, from the module's arrays."""
+    combined = np.concatenate([_np_rms(embedded, mtp.embedding_norms[depth].scale, eps, offset),
+                               _np_rms(hidden, mtp.hidden_norms[depth].scale, eps, offset)], -1)
+    return combined @ np.asarray(mtp.projections[depth].kernel, np.float64)
+
+
+def _np_mtp_model(model, ids: np.ndarray, positions: np.ndarray, seg: np.ndarray):
+    """Float64 dense Qwen3 with MTP from its arrays: `[final-normed hidden of the main stack, of depth 1, ...]`
+    and each one's logits. Depth k embeds token t + k (`_np_targets`) and runs its layer on depth k-1's
+    pre-norm hidden state at the main positions; every depth reads out through the shared final norm and head.
+    Rows of depth k are meaningful where token t + k exists in t's document (elsewhere MaxText's roll fills)."""
+    t, cfg = model.transformer, model.config
+    embedding = np.asarray(t.embed.embedding, np.float64)
+    hidden = embedding[ids]
+    for i in range(t.num_layers):
+        hidden = _np_qwen3_layer(t.layer(i), hidden, positions, seg, cfg)
+    depths = [hidden]
+    for depth, layer in enumerate(t.mtp.layers):
+        combined = _np_mtp_combine(t.mtp, depth, embedding[_np_targets(ids, seg, depth + 1)[0]], hidden,
+                                   cfg.rms_norm_eps)
+        hidden = _np_qwen3_layer(layer, combined, positions, seg, cfg)
+        depths.append(hidden)
+    normed = [_np_rms(h, t.norm.scale, cfg.rms_norm_eps) for h in depths]
+    return normed, [h @ np.asarray(t.lm_head.kernel, np.float64) for h in normed]
+
+
 def test_mtp_depths_run_at_the_main_positions():
-    """Depth k = final_norm(layer_k(W_k [norm(e(ids rolled k times)); norm(h_(k-1))])) at the main sequence's
-    positions (as MaxText), rebuilt from the model's parts; positions with a gap, where shifted ones would differ."""
-    model = _random_model(em.Qwen3Config(**TINY, mtp_num_layers=2), seed=5)
-    t = model.transformer
+    """Dense Qwen3 with 2 MTP depths and every norm scale nudged to its own value (1 + N(0, 0.1^2)): the main
+    and each depth's final-normed hidden states equal the float64 NumPy model `_np_mtp_model` (1e-5) wherever
+    the depth's input token exists, on packed + padded rows at positions with a gap (where positions shifted
+    with the tokens, or the embedding and hidden-state norms swapped, would differ)."""
+    model = _random_model(em.Qwen3Config(**TINY, mtp_num_layers=2), seed=5, norm_std=0.1)
+    batch = _batch()
+    ids, seg = np.asarray(batch["input_ids"]), _segments()
+    positions = np.broadcast_to(np.where(np.arange(SEQ) >= 7, 40, 0) + np.arange(SEQ), ids.shape).astype(np.int32)
+    out = jax.jit(lambda m: m.forward(batch["input_ids"], jnp.asarray(positions), batch["segment_ids"],
+                                      inference=False))(model)
+    ref, _ = _np_mtp_model(model, ids, positions, seg)
+    assert len(out.mtp_hidden) == 2
+    for depth, ours in enumerate((out.hidden, *out.mtp_hidden)):
+        exists = _np_targets(ids, seg, depth)[1]
+        assert_close(np.asarray(ours)[exists], ref[depth][exists], 1e-5, f"final-normed hidden, depth {depth}")
+
+
+@pytest.mark.slow
+def test_mtp_loss():
+    """MTP model (2 depths, norm scales nudged by N(0, 0.1^2)) vs a plain model with the same main weights:
+    final hidden states and logits are equal (1e-6); metrics hold `mtp_loss` = token-weighted mean of the
+    depth-k cross-entropies on targets k+1 ahead (naive, 1e-6; float64 NumPy `_np_mtp_model`, 1e-5); ce equals
+    the plain model's naive loss (1e-6) and NumPy's (1e-5); loss = ce + 0.1 * mtp (1e-6)."""
+    mtp_cfg = em.Qwen3Config(**TINY, mtp_num_layers=2)
+    model = _random_model(em.Qwen3Config(**TINY), seed=3, norm_std=0.1)
+
+    def main(m):
+        return m.transformer.embed, m.transformer.blocks, m.transformer.norm, m.transformer.lm_head
+
+    mtp = eqx.tree_at(main, _random_model(mtp_cfg, seed=4, norm_std=0.1), main(model))
     batch = _batch()
     ids, seg = batch["input_ids"], batch["segment_ids"]
-    positions = jnp.broadcast_to(jnp.where(jnp.arange(ids.shape[1]) >= 7, 40, 0) + jnp.arange(ids.shape[1]), ids.shape)
-    out = jax.jit(lambda t: t.forward(ids, positions, seg, inference=False))(t)
-    hidden = eqx.tree_at(lambda m: m.norm, t, eqx.nn.Identity()).forward(ids, positions, seg, inference=True).hidden
-    m, rolled, valid = t.mtp, ids, seg > 0
-    for depth in range(2):
-        rolled, valid = roll_and_mask_by_segment(rolled, valid, seg)
-        combined = jnp.concatenate([m.embedding_norms[depth](t.embed(rolled)), m.hidden_norms[depth](hidden)], -1)
-        hidden, _, _ = m.layers[depth](m.projections[depth](combined), positions=positions, segment_ids=seg,
-                                       cache=None, key=None, inference=True)
-        assert_close(out.mtp_hidden[depth], t.norm(hidden), 1e-5, f"MTP depth {depth + 1}")
+
+    @eqx.filter_jit
+    def run(mtp, model, b):
+        out = mtp.forward(b["input_ids"], None, b["segment_ids"], inference=False)
+        plain = model.forward(b["input_ids"], None, b["segment_ids"])
+        naive_mtp = [_naive_lm_loss(mtp, b, shift=depth + 1, hidden=h)
+                     for depth, h in enumerate(out.mtp_hidden, start=1)]
+        return (out, plain, mtp.logits(out.hidden), model.logits(plain.hidden), lm_loss(mtp, b),
+                _naive_lm_loss(model, b, hidden=plain.hidden), naive_mtp)
+
+    out, plain, logits, plain_logits, (loss, metrics), naive, naive_mtp = run(mtp, model, batch)
+    assert_close(out.hidden, plain.hidden, 1e-6, "final hidden with vs without MTP")
+    assert_close(logits, plain_logits, 1e-6, "logits with vs without MTP")
+    assert len(out.mtp_hidden) == len(naive_mtp) == 2
+    assert "mtp_loss" in metrics
+    assert_close(metrics["cross_entropy"], naive, 1e-6, "main ce unchanged by MTP")
+    counts = [float(jnp.sum(next_token_targets(ids, seg, shift=d + 1)[1])) for d in (1, 2)]
+    expected = sum(float(x) * n for x, n in zip(naive_mtp, counts)) / sum(counts)
+    assert_close(metrics["mtp_loss"], expected, 1e-6, "mtp_loss vs naive")
+    np_ids, np_seg = np.asarray(ids), np.asarray(seg)
+    _, np_logits = _np_mtp_model(mtp, np_ids, np.broadcast_to(np.arange(SEQ), np_ids.shape), np_seg)
+    np_targets = [_np_targets(np_ids, np_seg, shift) for shift in (1, 2, 3)]
+    np_xent = [_np_xent(lg, *tv)[0] for lg, tv in zip(np_logits, np_targets, strict=True)]
+    np_counts = [valid.sum() for _, valid in np_targets]
+    assert_close(metrics["cross_entropy"], np_xent[0] / np_counts[0], 1e-5, "main ce vs float64 NumPy")
+    assert_close(metrics["mtp_loss"], sum(np_xent[1:]) / sum(np_counts[1:]), 1e-5, "mtp_loss vs float64 NumPy")
+    assert mtp_cfg.mtp_loss_scaling_factor == 0.1
+    assert_close(loss, metrics["cross_entropy"] + 0.1 * metrics["mtp_loss"], 1e-6, "loss = ce + 0.1 * mtp")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("cfg", "norm_offset", "layer_type"), [
+    (em.Qwen3MoeConfig(**TINY_MOE, mtp_num_layers=1), 0.0, Qwen3MoeDecoderLayer),
+    (em.Qwen3NextConfig(**TINY_NEXT, mtp_num_layers=1), 1.0, Qwen3NextFullAttention),
+], ids=["qwen3_moe", "qwen3_next"])
+def test_mtp_on_moe_and_next(cfg, norm_offset, layer_type):
+    """Qwen3-MoE and Qwen3-Next with one MTP depth, every norm scale nudged by N(0, 0.1^2): the depth's layer is
+    the last layer's kind (MoE; Next's gated full attention with MoE); around that layer (compared with HF in
+    tests/models) the depth equals float64 NumPy where token t + 1 exists: its output from `_np_mtp_combine`'s
+    input (1e-5), and `mtp_loss` from its final norm and head (1e-5; Next's norms zero-centred `1 + w` like its
+    others). Under `value_and_grad`, loss = ce + 0.5 * moe_aux_loss + 0.1 * mtp_loss (1e-6) and every MTP
+    parameter gets a finite, non-zero gradient."""
+    model = _random_model(cfg, seed=9, norm_std=0.1)
+    t, batch = model.transformer, _batch()
+    ids, seg = np.asarray(batch["input_ids"]), _segments()
+    layer = t.mtp.layers[0]
+    assert isinstance(layer if layer_type is Qwen3MoeDecoderLayer else layer.mixer, layer_type)
+
+    @eqx.filter_jit
+    def run(m, b):
+        (loss, metrics), grads = eqx.filter_value_and_grad(lambda m: lm_loss(m, b, chunk_size=8), has_aux=True)(m)
+        unnormed = eqx.tree_at(lambda m: m.transformer.norm, m, eqx.nn.Identity())
+        return loss, metrics, grads, unnormed.forward(b["input_ids"], None, b["segment_ids"], inference=False)
+
+    loss, metrics, grads, out = run(model, batch)
+    embedding = np.asarray(t.embed.embedding, np.float64)
+    next_ids, exists = _np_targets(ids, seg, 1)
+    combined = _np_mtp_combine(t.mtp, 0, embedding[next_ids], np.asarray(out.hidden), cfg.rms_norm_eps, norm_offset)
+    depth, _, _ = eqx.filter_jit(layer)(jnp.asarray(combined, jnp.float32), positions=jnp.broadcast_to(
+        jnp.arange(SEQ), ids.shape), segment_ids=batch["segment_ids"], cache=None, key=None, inference=True)
+    ours = np.asarray(out.mtp_hidden[0])
+    assert_close(ours[exists], np.asarray(depth)[exists], 1e-5, "MTP depth 1 (before the final norm) vs NumPy input")
+    logits = _np_rms(depth, t.norm.scale, cfg.rms_norm_eps, norm_offset) @ np.asarray(t.lm_head.kernel, np.float64)
+    targets, valid = _np_targets(ids, seg, 2)
+    assert_close(metrics["mtp_loss"], _np_xent(logits, targets, valid)[0] / valid.sum(), 1e-5,
+                 "mtp_loss vs float64 NumPy")
+    assert {"cross_entropy", "moe_aux_loss"} <= set(metrics)
+    assert_close(loss, metrics["cross_entropy"] + 0.5 * metrics["moe_aux_loss"] + 0.1 * metrics["mtp_loss"], 1e-6,
+                 "loss = ce + 0.5 * aux + 0.1 * mtp")
+    mtp_grads = _grad_leaves(grads.transformer.mtp)
+    assert mtp_grads
+    for path, g in mtp_grads:
+        g = np.asarray(g)
+        assert np.isfinite(g).all() and np.abs(g).max() > 0, f"MTP gradient {jax.tree_util.keystr(path)}: {g}"
 
 
 # ----------------------------------------------------------------------------------------- train step
