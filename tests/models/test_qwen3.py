@@ -51,12 +51,15 @@ CASES = [
     ("dense-yarn-attention-factor", False,
      dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
                            "original_max_position_embeddings": 32, "attention_factor": 0.7}), (1, 3)),
+    ("dense-attention-bias", False, dict(attention_bias=True), (1, 3)),
 ]
-ROUND_TRIP = ("dense-sliding-layer-types", "moe-sliding-every-layer", "dense-yarn-attention-factor")
+ROUND_TRIP = ("dense-sliding-layer-types", "moe-sliding-every-layer", "dense-yarn-attention-factor",
+              "dense-attention-bias")
 
 
 def _hf_model(moe: bool, seed: int = 0, **overrides):
-    """A tiny HF model with norm weights + N(0, 0.1) and router weights x5 (so routing is decisive)."""
+    """A tiny HF model with norm weights and biases (HF inits biases to 0) + N(0, 0.1) and router weights x5 (so
+    routing is decisive)."""
     cfg_cls, model_cls = (
         (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM) if moe
         else (transformers.Qwen3Config, transformers.Qwen3ForCausalLM)
@@ -65,7 +68,7 @@ def _hf_model(moe: bool, seed: int = 0, **overrides):
     model = model_cls(cfg_cls(**{**(HF_MOE if moe else HF_DENSE), **overrides})).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if "norm" in name:
+            if "norm" in name or name.endswith(".bias"):
                 p.add_(0.1 * torch.randn_like(p))
             if name.endswith("mlp.gate.weight"):
                 p.mul_(5.0)
@@ -181,7 +184,7 @@ def test_logits_match_hf(tmp_path, case):
 @pytest.mark.parametrize("case", [c for c in CASES if c[0] in ROUND_TRIP], ids=list(ROUND_TRIP))
 def test_saved_config_builds_the_same_hf_model(tmp_path, case):
     """The config.json `save_pretrained` writes builds an HF model whose logits equal the original's (per-layer
-    sliding windows and YaRN's attention factor survive the round trip)."""
+    sliding windows, YaRN's attention factor and the attention biases survive the round trip)."""
     name, moe, overrides, _ = case
     hf, ours = _hf_and_ours(tmp_path / "hf", moe, **overrides)
     em.save_pretrained(ours, tmp_path / "ours")
