@@ -172,42 +172,47 @@ def test_qwen3_linear_scaling_matches_hf(head_dim):
 
 LLAMA3 = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
           "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+LLAMA3_WIDE = dict(LLAMA3, low_freq_factor=2.0, high_freq_factor=8.0, original_max_position_embeddings=128)
+LLAMA3_CASES = pytest.mark.parametrize("params", [LLAMA3, LLAMA3_WIDE], ids=["llama3.1", "wide_band"])
 
 
-def _llama3(head_dim):
+def _llama3(head_dim, params):
     cfg = LlamaConfig(
         vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
         num_attention_heads=Q_HEADS, num_key_value_heads=KV_HEADS, head_dim=head_dim,
         max_position_embeddings=512,
-        rope_parameters=LLAMA3,
+        rope_parameters=params,
         attn_implementation="eager",
     )
     ours = LLaMARotaryEmbedding(
-        head_dim, max_timescale=LLAMA3["rope_theta"], scale_factor=LLAMA3["factor"],
-        low_freq_factor=LLAMA3["low_freq_factor"], high_freq_factor=LLAMA3["high_freq_factor"],
-        old_context_len=LLAMA3["original_max_position_embeddings"],
+        head_dim, max_timescale=params["rope_theta"], scale_factor=params["factor"],
+        low_freq_factor=params["low_freq_factor"], high_freq_factor=params["high_freq_factor"],
+        old_context_len=params["original_max_position_embeddings"],
     )
     return ours, LlamaRotaryEmbedding(cfg)
 
 
+@LLAMA3_CASES
 @pytest.mark.parametrize("head_dim", [16, 128])
-def test_llama3_inv_freq_bit_equal(head_dim):
+def test_llama3_inv_freq_bit_equal(head_dim, params):
     """Our Llama-3.1 `inv_freq` equals HF `LlamaRotaryEmbedding.inv_freq` (`_compute_llama3_parameters`)
-    bit-for-bit, with all three bands present."""
-    ours, hf = _llama3(head_dim)
-    wavelen = 2 * np.pi / default_inv_freq(head_dim, LLAMA3["rope_theta"])
-    old = LLAMA3["original_max_position_embeddings"]
-    assert (wavelen < old / 4).any() and (wavelen > old).any()
-    assert ((wavelen >= old / 4) & (wavelen <= old)).any()
+    bit-for-bit, with all three bands present (`wide_band`: low_freq_factor != 1 enters the smooth band)."""
+    ours, hf = _llama3(head_dim, params)
+    wavelen = 2 * np.pi / default_inv_freq(head_dim, params["rope_theta"])
+    old = params["original_max_position_embeddings"]
+    low, high = old / params["low_freq_factor"], old / params["high_freq_factor"]
+    assert (wavelen < high).any() and (wavelen > low).any()
+    assert ((wavelen >= high) & (wavelen <= low)).any()
     _assert_bit_equal(ours.inv_freq, hf.inv_freq.numpy(), f"llama3 inv_freq head_dim {head_dim}")
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@LLAMA3_CASES
 @pytest.mark.parametrize("head_dim", [16, 128])
-def test_llama3_rotary_matches_hf(head_dim, seed):
+def test_llama3_rotary_matches_hf(head_dim, params, seed):
     """`ours(x) == half_to_interleaved(hf(interleaved_to_half(x)))` with HF `LlamaRotaryEmbedding` (llama3) +
     llama `apply_rotary_pos_emb`; rel err <= 1e-6."""
-    ours, hf = _llama3(head_dim)
+    ours, hf = _llama3(head_dim, params)
     _check_rotary(ours, hf, llama_apply_rotary_pos_emb, head_dim, seed, f"llama3 rope d={head_dim}",
                   pre=interleaved_to_half, post=half_to_interleaved)
 
@@ -220,6 +225,7 @@ DEEPSEEK_TINY = dict(qk_rope_head_dim=8, max_position_embeddings=512, rope_theta
 DEEPSEEK_REAL = dict(qk_rope_head_dim=64, max_position_embeddings=163840, rope_theta=10000.0, factor=40.0,
                      original_max_position_embeddings=4096, mscale=1.0, mscale_all_dim=1.0)
 DEEPSEEK_MSCALE = dict(DEEPSEEK_TINY, qk_rope_head_dim=16, mscale=1.0, mscale_all_dim=0.707)
+DEEPSEEK_BOTH_MSCALE = dict(DEEPSEEK_TINY, qk_rope_head_dim=16, mscale=1.3, mscale_all_dim=0.8)
 
 
 def _deepseek(p, **kwargs):
@@ -246,7 +252,8 @@ def _deepseek(p, **kwargs):
 
 @pytest.mark.parametrize("seed", SEEDS)
 @pytest.mark.parametrize(
-    "params", [DEEPSEEK_TINY, DEEPSEEK_REAL, DEEPSEEK_MSCALE], ids=["tiny", "real", "mscale"]
+    "params", [DEEPSEEK_TINY, DEEPSEEK_REAL, DEEPSEEK_MSCALE, DEEPSEEK_BOTH_MSCALE],
+    ids=["tiny", "real", "mscale", "mscale_both"],
 )
 def test_deepseek_v3_yarn_matches_hf(params, seed):
     """HF `DeepseekV3RotaryEmbedding` (yarn, cos/sin x attention_scaling) + `apply_rotary_pos_emb_interleave`
@@ -267,18 +274,23 @@ def test_deepseek_v3_yarn_pairwise_matches_hf():
 
 
 @pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize(
+    "extra", [{}, {"truncate": False}, {"beta_fast": 16.0, "beta_slow": 2.0}], ids=["default", "no_trunc", "betas"]
+)
 @pytest.mark.parametrize("head_dim", [16, 128])
-def test_plain_yarn_matches_hf(head_dim, seed):
+def test_plain_yarn_matches_hf(head_dim, extra, seed):
     """Plain YaRN without mscale keys: HF `_compute_yarn_parameters` (via `ROPE_INIT_FUNCTIONS["yarn"]` and
     `Qwen3RotaryEmbedding`, attention factor 0.1 ln f + 1) + qwen3 `apply_rotary_pos_emb` vs
-    `YarnRotaryEmbedding(attention_scaling=True, interleave=False)`; rel err <= 1e-6."""
-    params = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 128}
+    `YarnRotaryEmbedding(attention_scaling=True, interleave=False)`; rel err <= 1e-6. `extra` (same keys on
+    both sides) covers the unrounded correction range and non-default beta_fast / beta_slow."""
+    params = {"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0, "original_max_position_embeddings": 128,
+              **extra}
     cfg = _qwen3_config(head_dim, params)
     inv_freq, attention_factor = ROPE_INIT_FUNCTIONS["yarn"](cfg)
     hf = Qwen3RotaryEmbedding(cfg)
     ours = YarnRotaryEmbedding(
         embedding_dims=head_dim, max_position_embeddings=512, original_max_position_embeddings=128,
-        rope_theta=1e6, rope_factor=4.0, attention_scaling=True, interleave=False,
+        rope_theta=1e6, rope_factor=4.0, attention_scaling=True, interleave=False, **extra,
     )
     assert attention_factor == hf.attention_scaling == pytest.approx(0.1 * np.log(4.0) + 1, rel=1e-15)
     assert ours.attention_factor == pytest.approx(attention_factor, rel=1e-12, abs=0)
