@@ -90,7 +90,7 @@ class GatedRMSNorm(eqx.Module):
     ) -> Float[Array, "*batch features"]:
         _check_features("GatedRMSNorm", x, self.num_features)
         h = self.scale.astype(self.dtype) * _rms_normalize(x, self.eps).astype(self.dtype)
-        return (h * jax.nn.silu(gate.astype(jnp.float32))).astype(self.dtype)
+        return (h.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))).astype(self.dtype)
 
 
 class L2Norm(eqx.Module):

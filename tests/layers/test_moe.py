@@ -102,11 +102,11 @@ def np_moe(w, x, *, top_k=K, norm_topk_prob=False, routing="softmax_topk", capac
     return y, stats, kept
 
 
-def _hf_block(w, *, norm_topk_prob):
+def _hf_block(w, *, norm_topk_prob, hidden_act="silu"):
     experts, two_mlp, hidden = w["gate_up"].shape
     cfg = Qwen3MoeConfig(
         hidden_size=hidden, moe_intermediate_size=two_mlp // 2, num_experts=experts, num_experts_per_tok=K,
-        norm_topk_prob=norm_topk_prob, experts_implementation="eager",
+        norm_topk_prob=norm_topk_prob, hidden_act=hidden_act, experts_implementation="eager",
     )
     block = Qwen3MoeSparseMoeBlock(cfg).eval()
     with torch.no_grad():
@@ -127,6 +127,19 @@ def test_matches_hf_sparse_moe_block(rng, impl, norm_topk_prob):
     y, _ = _apply(_ours(w, impl=impl, norm_topk_prob=norm_topk_prob), x)
     assert y.shape == x.shape and y.dtype == jnp.float32
     assert_close(y, ref, 1e-5, f"RoutedMoE[{impl}, norm_topk_prob={norm_topk_prob}] vs HF")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("act", ["gelu_pytorch_tanh", "gelu"])
+def test_non_silu_activation_matches_hf(rng, impl, act):
+    """`activations=(act, "linear")` vs HF `Qwen3MoeSparseMoeBlock` with `hidden_act=act`, float32, 1e-5: the
+    gated activation is the configured one on every path, not a hard-wired silu."""
+    w = _weights(rng)
+    x = _x(rng, (2, 11, H))
+    with torch.no_grad():
+        ref = _hf_block(w, norm_topk_prob=True, hidden_act=act)(torch.tensor(np.asarray(x))).numpy()
+    y, _ = _apply(_ours(w, impl=impl, norm_topk_prob=True, activations=(act, "linear")), x)
+    assert_close(y, ref, 1e-5, f"RoutedMoE[{impl}, {act}] vs HF")
 
 
 @pytest.mark.parametrize("capacity_factor", [None, 0.5, 1.0])

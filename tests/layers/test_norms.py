@@ -91,6 +91,32 @@ def test_gated_rmsnorm_matches_qwen3_next_gated(rng, d):
     assert_close(ours(jnp.asarray(x), jnp.asarray(gate)), ref, 1e-6, what)
 
 
+def test_gated_rmsnorm_bf16_matches_qwen3_next_gated_bf16(rng):
+    """bfloat16 GatedRMSNorm vs HF `Qwen3NextRMSNormGated` run in bfloat16.
+
+    Both cast the normalised x to bf16, multiply by w in bf16, gate in float32 and cast last, so at most
+    2 ulp (a reduction-order flip before the bf16 multiply) on under 1% of elements; scaling in float32
+    without the intermediate bf16 roundings differs on a large fraction.
+    """
+    d, shape = 16, (8, 16, 4, 16)
+    x = torch.from_numpy(_x(rng, shape, 3.0)).to(torch.bfloat16)
+    gate = torch.from_numpy(_x(rng, shape, 2.0)).to(torch.bfloat16)
+    w = torch.from_numpy(_x(rng, (d,), 0.1, 1.0)).to(torch.bfloat16)
+    hf = hf_next.Qwen3NextRMSNormGated(d, eps=1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        hf.weight.copy_(w)
+        ref = hf(x, gate)
+    assert ref.dtype == torch.bfloat16
+    ours_mod = GatedRMSNorm(d, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ours_mod = eqx.tree_at(lambda m: m.scale, ours_mod, jnp.asarray(w.float().numpy(), jnp.bfloat16))
+    ours = ours_mod(*(jnp.asarray(t.float().numpy(), jnp.bfloat16) for t in (x, gate)))
+    assert ours.dtype == jnp.bfloat16
+    ulps = _bf16_ulps(np.asarray(ours, np.float32), ref.float().numpy())
+    print(f"bf16 GatedRMSNorm: max {ulps.max()} ulp, {np.count_nonzero(ulps)}/{ulps.size} elements differ")
+    assert ulps.max() <= 2
+    assert np.count_nonzero(ulps) <= ulps.size // 100
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
 @pytest.mark.parametrize("eps", [1e-5, 1e-6])
 @pytest.mark.parametrize("use_bias", [True, False])
@@ -110,6 +136,35 @@ def test_layernorm_matches_torch(rng, shape, eps, use_bias):
         assert ours.bias is None
     what = f"LayerNorm vs torch {shape} eps={eps} bias={use_bias}"
     assert_close(ours(jnp.asarray(x)), _hf(ref_mod, x), 1e-6, what)
+
+
+@pytest.mark.parametrize("use_bias", [True, False])
+def test_layernorm_bf16_matches_torch_bf16(rng, use_bias):
+    """bfloat16 LayerNorm vs `torch.nn.LayerNorm` run in bfloat16 (weight 1 + N(0, 0.1), bias N(0, 0.1)).
+
+    Both take statistics and the affine in float32 and cast once, so at most 1 ulp (a reduction-order flip)
+    on under 1% of elements; statistics taken in bf16 (mean 3, spread 2 inputs) differ on most elements.
+    """
+    d = 64
+    x = torch.from_numpy(_x(rng, (64, d), 2.0, 3.0)).to(torch.bfloat16)
+    w = torch.from_numpy(_x(rng, (d,), 0.1, 1.0)).to(torch.bfloat16)
+    b = torch.from_numpy(_x(rng, (d,), 0.1)).to(torch.bfloat16)
+    ref_mod = torch.nn.LayerNorm(d, eps=1e-5, bias=use_bias).to(torch.bfloat16)
+    ours_mod = LayerNorm(d, use_bias=use_bias, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    ours_mod = eqx.tree_at(lambda m: m.scale, ours_mod, jnp.asarray(w.float().numpy(), jnp.bfloat16))
+    with torch.no_grad():
+        ref_mod.weight.copy_(w)
+        if use_bias:
+            ref_mod.bias.copy_(b)
+            ours_mod = eqx.tree_at(lambda m: m.bias, ours_mod, jnp.asarray(b.float().numpy(), jnp.bfloat16))
+        ref = ref_mod(x)
+    assert ref.dtype == torch.bfloat16
+    ours = ours_mod(jnp.asarray(x.float().numpy(), jnp.bfloat16))
+    assert ours.dtype == jnp.bfloat16
+    ulps = _bf16_ulps(np.asarray(ours, np.float32), ref.float().numpy())
+    print(f"bf16 LayerNorm bias={use_bias}: max {ulps.max()} ulp, {np.count_nonzero(ulps)}/{ulps.size} differ")
+    assert ulps.max() <= 1
+    assert np.count_nonzero(ulps) <= ulps.size // 100
 
 
 def test_layernorm_without_affine_matches_torch(rng):
