@@ -242,10 +242,11 @@ def select_kernel(
     (cuDNN's bias gradient needs them), no soft cap, sinks, dropout or fp32 qk product), and the reference path
     otherwise."""
     backend = backend or jax.default_backend()
+    max_head_dim = _cudnn_max_head_dim(backend)
     supported = (
         jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim % 8 == 0
-        and head_dim <= _cudnn_max_head_dim(backend)
+        and head_dim <= max_head_dim
         and not cached
         and not (mask.segmented and (mask.q_index.shape[0] % 2 or mask.kv_index.shape[0] % 2))
         and mask.attention_type in ("global", "local_sliding", "full")
@@ -261,7 +262,7 @@ def select_kernel(
         if not supported:
             raise ValueError(
                 "attention_kernel='cudnn' cannot run this configuration (needs bf16/fp16, head_dim % 8 == 0 and "
-                f"<= {_cudnn_max_head_dim(backend)}, no KV cache, causal/sliding/full mask, even lengths with "
+                f"<= {max_head_dim}, no KV cache, causal/sliding/full mask, even lengths with "
                 "segment ids, no soft cap, sinks, dropout or bidirectional blocks)"
             )
         return "cudnn"
