@@ -45,3 +45,25 @@ def numpy_grouped_matmul(x, w, dy, tile_expert, tile_rows):
         dx[rows] = dy[rows] @ w[e].T
         dw[e] += x[rows].T @ dy[rows]
     return out, dx, dw
+
+
+def numpy_next_token_targets(ids: np.ndarray, seg: np.ndarray, shift: int):
+    """NumPy `next_token_targets`: the target at t is ids[t + shift], valid iff t + shift < seq and tokens
+    t..t+shift share one non-padding segment."""
+    batch, seq = ids.shape
+    valid = np.zeros((batch, seq), bool)
+    targets = np.zeros((batch, seq), ids.dtype)
+    for b in range(batch):
+        for t in range(seq - shift):
+            targets[b, t] = ids[b, t + shift]
+            valid[b, t] = seg[b, t] > 0 and (seg[b, t: t + shift + 1] == seg[b, t]).all()
+    return targets, valid
+
+
+def numpy_cross_entropy(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray):
+    """Float64 (sum of masked cross-entropies, sum of masked lse^2, lse)."""
+    logits = logits.astype(np.float64)
+    top = logits.max(-1, keepdims=True)
+    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
+    tgt = np.take_along_axis(logits, targets[..., None].astype(np.int64), -1)[..., 0]
+    return ((lse - tgt) * mask).sum(), (lse * lse * mask).sum(), lse

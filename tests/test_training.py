@@ -27,7 +27,7 @@ from eqx_models.training import (
     make_train_step,
     next_token_targets,
 )
-from tests.reference import assert_close
+from tests.reference import assert_close, numpy_cross_entropy, numpy_next_token_targets
 
 VOCAB, SEQ = 64, 21
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -97,22 +97,9 @@ def _grad_leaves(grads):
 # ----------------------------------------------------------------------------------------- targets
 
 
-def _np_targets(ids: np.ndarray, seg: np.ndarray, shift: int):
-    """Reference: the target at t is ids[t + shift], valid iff t + shift < seq and tokens t..t+shift share
-    one non-padding segment."""
-    batch, seq = ids.shape
-    valid = np.zeros((batch, seq), bool)
-    targets = np.zeros((batch, seq), ids.dtype)
-    for b in range(batch):
-        for t in range(seq - shift):
-            targets[b, t] = ids[b, t + shift]
-            valid[b, t] = seg[b, t] > 0 and (seg[b, t: t + shift + 1] == seg[b, t]).all()
-    return targets, valid
-
-
 def _check_targets(ids, seg, shift):
     targets, valid = next_token_targets(jnp.asarray(ids), jnp.asarray(seg), shift=shift)
-    ref_targets, ref_valid = _np_targets(ids, seg, shift)
+    ref_targets, ref_valid = numpy_next_token_targets(ids, seg, shift)
     np.testing.assert_array_equal(np.asarray(valid), ref_valid)
     np.testing.assert_array_equal(np.asarray(targets)[ref_valid], ref_targets[ref_valid])
     targets = np.asarray(targets)
@@ -137,15 +124,6 @@ def test_next_token_targets_random_layouts(seg_row, shift, seed):
 
 
 # --------------------------------------------------------------------------------- chunked loss
-
-
-def _np_xent(logits: np.ndarray, targets: np.ndarray, mask: np.ndarray):
-    """float64 (sum of masked cross-entropies, sum of masked lse^2, lse)."""
-    logits = logits.astype(np.float64)
-    top = logits.max(-1, keepdims=True)
-    lse = (top + np.log(np.exp(logits - top).sum(-1, keepdims=True)))[..., 0]
-    tgt = np.take_along_axis(logits, targets[..., None].astype(np.int64), -1)[..., 0]
-    return ((lse - tgt) * mask).sum(), (lse * lse * mask).sum(), lse
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 21, 64])
@@ -173,7 +151,7 @@ def test_chunked_cross_entropy_value_and_grad(chunk):
     (_, (xent, z)), grads = jax.value_and_grad(chunked, argnums=(0, 1), has_aux=True)(hidden, head)
     ref_grads = jax.grad(naive, argnums=(0, 1))(hidden, head)
     logits64 = np.asarray(hidden, np.float64) @ np.asarray(head, np.float64)
-    ref_xent, ref_z, _ = _np_xent(logits64, np.asarray(targets), np.asarray(mask))
+    ref_xent, ref_z, _ = numpy_cross_entropy(logits64, np.asarray(targets), np.asarray(mask))
     assert_close(xent, ref_xent, 1e-6, f"xent sum, chunk {chunk}")
     assert_close(z, ref_z, 1e-6, f"lse^2 sum, chunk {chunk}")
     for name, g, r in zip(("d hidden", "d head"), grads, ref_grads):
@@ -249,7 +227,7 @@ def test_z_loss(model):
 
     (loss, metrics), logits = run(model, batch)
     targets, mask = (np.asarray(x) for x in next_token_targets(batch["input_ids"], batch["segment_ids"]))
-    xent, zsum, _ = _np_xent(np.asarray(logits), targets, mask)
+    xent, zsum, _ = numpy_cross_entropy(np.asarray(logits), targets, mask)
     count = mask.sum()
     assert_close(metrics["cross_entropy"], xent / count, 1e-5, "cross-entropy vs NumPy")
     assert_close(loss, xent / count + z * zsum / count, 1e-5, "loss with z-loss vs NumPy")
@@ -290,14 +268,14 @@ def _thinker_config() -> em.Qwen3OmniThinkerConfig:
 
 
 def _thinker_reference(model, ids: np.ndarray, seg: np.ndarray):
-    """Float64 NumPy mean cross-entropy over valid next-token targets (`_np_targets`) of the thinker's own
+    """Float64 NumPy mean cross-entropy over valid next-token targets (`numpy_next_token_targets`) of the thinker's own
     logits with `attention_mask = seg`, its router aux loss on that forward, and the target count."""
     mask = jnp.asarray(seg)
     logits, aux = eqx.filter_jit(lambda m, i, a: (m(i, attention_mask=a),
                                                   m.aux_loss(m.forward(i, attention_mask=a).stats)))(
         model, jnp.asarray(ids), mask)
-    targets, valid = _np_targets(ids, seg, 1)
-    xent, _, _ = _np_xent(np.asarray(logits), targets, valid)
+    targets, valid = numpy_next_token_targets(ids, seg, 1)
+    xent, _, _ = numpy_cross_entropy(np.asarray(logits), targets, valid)
     return xent / valid.sum(), float(aux), float(valid.sum())
 
 
@@ -332,8 +310,8 @@ def test_thinker_loss_padded_and_packed_under_jit():
     for row in range(ids.shape[0]):
         for doc in set(seg[row][seg[row] > 0].tolist()):
             tokens = ids[row][seg[row] == doc][None]
-            targets, valid = _np_targets(tokens, np.ones_like(tokens), 1)
-            total += _np_xent(np.asarray(alone(model, jnp.asarray(tokens))), targets, valid)[0]
+            targets, valid = numpy_next_token_targets(tokens, np.ones_like(tokens), 1)
+            total += numpy_cross_entropy(np.asarray(alone(model, jnp.asarray(tokens))), targets, valid)[0]
             count += int(valid.sum())
     assert float(metrics["tokens"]) == count
     assert_close(metrics["cross_entropy"], total / count, 1e-5, "thinker cross-entropy vs documents run alone")
@@ -391,7 +369,7 @@ def _np_mtp_combine(mtp, depth: int, embedded: np.ndarray, hidden: np.ndarray, e
 
 def _np_mtp_model(model, ids: np.ndarray, positions: np.ndarray, seg: np.ndarray):
     """Float64 dense Qwen3 with MTP from its arrays: `[final-normed hidden of the main stack, of depth 1, ...]`
-    and each one's logits. Depth k embeds token t + k (`_np_targets`) and runs its layer on depth k-1's
+    and each one's logits. Depth k embeds token t + k (`numpy_next_token_targets`) and runs its layer on depth k-1's
     pre-norm hidden state at the main positions; every depth reads out through the shared final norm and head.
     Rows of depth k are meaningful where token t + k exists in t's document (elsewhere MaxText's roll fills)."""
     t, cfg = model.transformer, model.config
@@ -401,7 +379,7 @@ def _np_mtp_model(model, ids: np.ndarray, positions: np.ndarray, seg: np.ndarray
         hidden = _np_qwen3_layer(t.layer(i), hidden, positions, seg, cfg)
     depths = [hidden]
     for depth, layer in enumerate(t.mtp.layers):
-        combined = _np_mtp_combine(t.mtp, depth, embedding[_np_targets(ids, seg, depth + 1)[0]], hidden,
+        combined = _np_mtp_combine(t.mtp, depth, embedding[numpy_next_token_targets(ids, seg, depth + 1)[0]], hidden,
                                    cfg.rms_norm_eps)
         hidden = _np_qwen3_layer(layer, combined, positions, seg, cfg)
         depths.append(hidden)
@@ -423,7 +401,7 @@ def test_mtp_depths_run_at_the_main_positions():
     ref, _ = _np_mtp_model(model, ids, positions, seg)
     assert len(out.mtp_hidden) == 2
     for depth, ours in enumerate((out.hidden, *out.mtp_hidden)):
-        exists = _np_targets(ids, seg, depth)[1]
+        exists = numpy_next_token_targets(ids, seg, depth)[1]
         assert_close(np.asarray(ours)[exists], ref[depth][exists], 1e-5, f"final-normed hidden, depth {depth}")
 
 
@@ -463,8 +441,8 @@ def test_mtp_loss():
     assert_close(metrics["mtp_loss"], expected, 1e-6, "mtp_loss vs naive")
     np_ids, np_seg = np.asarray(ids), np.asarray(seg)
     _, np_logits = _np_mtp_model(mtp, np_ids, np.broadcast_to(np.arange(SEQ), np_ids.shape), np_seg)
-    np_targets = [_np_targets(np_ids, np_seg, shift) for shift in (1, 2, 3)]
-    np_xent = [_np_xent(lg, *tv)[0] for lg, tv in zip(np_logits, np_targets, strict=True)]
+    np_targets = [numpy_next_token_targets(np_ids, np_seg, shift) for shift in (1, 2, 3)]
+    np_xent = [numpy_cross_entropy(lg, *tv)[0] for lg, tv in zip(np_logits, np_targets, strict=True)]
     np_counts = [valid.sum() for _, valid in np_targets]
     assert_close(metrics["cross_entropy"], np_xent[0] / np_counts[0], 1e-5, "main ce vs float64 NumPy")
     assert_close(metrics["mtp_loss"], sum(np_xent[1:]) / sum(np_counts[1:]), 1e-5, "mtp_loss vs float64 NumPy")
@@ -498,15 +476,15 @@ def test_mtp_on_moe_and_next(cfg, norm_offset, layer_type):
 
     loss, metrics, grads, out = run(model, batch)
     embedding = np.asarray(t.embed.embedding, np.float64)
-    next_ids, exists = _np_targets(ids, seg, 1)
+    next_ids, exists = numpy_next_token_targets(ids, seg, 1)
     combined = _np_mtp_combine(t.mtp, 0, embedding[next_ids], np.asarray(out.hidden), cfg.rms_norm_eps, norm_offset)
     depth, _, _ = eqx.filter_jit(layer)(jnp.asarray(combined, jnp.float32), positions=jnp.broadcast_to(
         jnp.arange(SEQ), ids.shape), segment_ids=batch["segment_ids"], cache=None, key=None, inference=True)
     ours = np.asarray(out.mtp_hidden[0])
     assert_close(ours[exists], np.asarray(depth)[exists], 1e-5, "MTP depth 1 (before the final norm) vs NumPy input")
     logits = _np_rms(depth, t.norm.scale, cfg.rms_norm_eps, norm_offset) @ np.asarray(t.lm_head.kernel, np.float64)
-    targets, valid = _np_targets(ids, seg, 2)
-    assert_close(metrics["mtp_loss"], _np_xent(logits, targets, valid)[0] / valid.sum(), 1e-5,
+    targets, valid = numpy_next_token_targets(ids, seg, 2)
+    assert_close(metrics["mtp_loss"], numpy_cross_entropy(logits, targets, valid)[0] / valid.sum(), 1e-5,
                  "mtp_loss vs float64 NumPy")
     assert {"cross_entropy", "moe_aux_loss"} <= set(metrics)
     assert_close(loss, metrics["cross_entropy"] + 0.5 * metrics["moe_aux_loss"] + 0.1 * metrics["mtp_loss"], 1e-6,

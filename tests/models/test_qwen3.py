@@ -18,7 +18,7 @@ import eqx_models as em
 from eqx_models.config import REMAT_POLICIES
 from eqx_models.models.transformer import Transformer
 from eqx_models.training import lm_loss
-from tests.reference import assert_close, max_rel_err
+from tests.reference import assert_close, max_rel_err, numpy_cross_entropy, numpy_next_token_targets
 
 VOCAB = 128
 HF_DENSE = dict(
@@ -195,13 +195,9 @@ def test_saved_config_builds_the_same_hf_model(tmp_path, case):
 
 
 def _np_next_token_xent(logits, ids, segment_ids):
-    """Float64 mean cross-entropy of token `t + 1` over the positions whose successor is in the same
-    (non-padding) segment."""
-    logits = np.asarray(logits, np.float64)
-    lse = np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1)) + logits.max(-1)
-    target = np.take_along_axis(logits[:, :-1], ids[:, 1:, None], -1)[..., 0]
-    valid = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
-    return np.sum((lse[:, :-1] - target) * valid) / valid.sum()
+    """Float64 mean next-token cross-entropy over the valid targets."""
+    targets, valid = numpy_next_token_targets(ids, segment_ids, 1)
+    return numpy_cross_entropy(np.asarray(logits), targets, valid)[0] / valid.sum()
 
 
 def test_final_logits_soft_cap():
