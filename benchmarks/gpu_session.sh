@@ -8,8 +8,9 @@
 #   train      attention and the Qwen3-0.6B train step
 #   kernels    gated delta (chunk, chunk_pallas) and MoE (auto, grouped, grouped_pallas)
 #   decode     decode, compile time, and the HF anchors (train step eager / torch.compile, generate)
+#   remat      the train step under the other remat policies (train runs "full"), to choose the default
 set -uo pipefail
-stage="${1:?usage: gpu_session.sh tests|train|kernels|decode}"
+stage="${1:?usage: gpu_session.sh tests|train|kernels|decode|remat}"
 out="${OUT:-gpu_logs}"
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1
@@ -62,8 +63,13 @@ decode)
     bench 150 compile_time
     bench 270 hf_anchor
     ;;
+remat)
+    for policy in save_dot_except_mlp minimal none; do
+        bench 180 train_step --remat "$policy"
+    done
+    ;;
 *)
-    echo "unknown stage $stage: tests, train, kernels or decode" >&2
+    echo "unknown stage $stage: tests, train, kernels, decode or remat" >&2
     exit 2
     ;;
 esac
