@@ -45,25 +45,31 @@ def on_an_h100(monkeypatch):
     jax.clear_caches()
 
 
-def custom_calls(fn, *args) -> list[str]:
-    """The custom-call targets of `jax.jit(fn)(*args)` lowered for CUDA, in program order."""
-    try:
-        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-    except TypeError as error:  # a jax without `lowering_platforms`
-        pytest.skip(f"cannot lower for another platform here: {error}")
-    text = lowered.as_text()
+def lowered(fn, *args) -> str:
+    """The StableHLO of `jax.jit(fn)(*args)` lowered for CUDA."""
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def custom_calls(text: str) -> list[str]:
+    """The custom-call targets of a StableHLO text, in program order."""
     return re.findall(r"custom_call @([\w$.]+)", text) + re.findall(r'call_target_name = "([^"]+)"', text)
 
 
-def train_step_calls(model, batch) -> set[str]:
+def lowered_train_step(model, batch) -> str:
+    """The StableHLO of `make_train_step`'s AdamW step, lowered for CUDA."""
     optimizer = make_optimizer(3e-3, total_steps=10, warmup_steps=2)
     with jax.numpy_dtype_promotion("standard"):
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_train_step(optimizer)
     params, static = eqx.partition(model, eqx.is_array)
     with jax.numpy_dtype_promotion("standard"):  # optax's bias correction: float ** int32 step count
-        return set(custom_calls(lambda p, s, b: step(eqx.combine(p, static), s, b, jax.random.key(0)),
-                                params, opt_state, batch))
+        traced = jax.jit(lambda p, s, b: step(eqx.combine(p, static), s, b, jax.random.key(0))).trace(
+            params, opt_state, batch)
+    return traced.lower(lowering_platforms=("cuda",)).as_text()
+
+
+def train_step_calls(model, batch) -> set[str]:
+    return set(custom_calls(lowered_train_step(model, batch)))
 
 
 def ids(batch: int, seq: int) -> jax.Array:
@@ -74,6 +80,17 @@ def test_bf16_train_step_runs_cudnn_forward_and_backward_without_a_bias():
     """A batch without segment ids costs cuDNN no dense `[batch, 1, seq, seq]` bias."""
     model = em.Qwen3ForCausalLM(em.Qwen3Config(**TINY), key=jax.random.key(0))
     assert train_step_calls(model, {"input_ids": ids(4, 256)}) == {FORWARD, BACKWARD}
+
+
+@pytest.mark.parametrize("tied", [True, False], ids=["tied", "untied"])
+def test_every_matmul_of_a_bf16_train_step_is_bf16(tied):
+    """bf16 compute means bf16 operands for every matmul, forward and backward, the LM head's included (float32
+    logits from a tied head once made its two backward matmuls float32, 2x slower on tensor cores)."""
+    model = em.Qwen3ForCausalLM(em.Qwen3Config(**TINY, tie_word_embeddings=tied), key=jax.random.key(0))
+    text = lowered_train_step(model, {"input_ids": ids(4, 256)})
+    operands = re.findall(r"stablehlo.dot_general .*: \((tensor<[^>]+>), (tensor<[^>]+>)\)", text)
+    assert len(operands) >= 3 * 7 * TINY["num_hidden_layers"] // 2, len(operands)
+    assert all(a.endswith("xbf16>") and b.endswith("xbf16>") for a, b in operands), operands
 
 
 def test_packed_batches_take_cudnn_with_a_bias_at_even_lengths_only():
@@ -90,8 +107,7 @@ def test_sliding_window_layers_give_cudnn_their_window():
     cfg = em.Qwen3Config(**TINY, use_sliding_window=True, sliding_window=48, max_window_layers=1)
     model = em.Qwen3ForCausalLM(cfg, key=jax.random.key(0))
     params, static = eqx.partition(model, eqx.is_array)
-    lowered = jax.jit(lambda p, x: eqx.combine(p, static)(x)).trace(params, ids(2, 128))
-    text = lowered.lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered(lambda p, x: eqx.combine(p, static)(x), params, ids(2, 128))
     windows = re.findall(r"sliding_window_length\\22: (\d+)", text)
     assert sorted(set(windows)) == ["0", "48"], windows
 
@@ -101,7 +117,7 @@ def test_generate_prefills_with_cudnn_and_decodes_on_the_reference_path():
     model = em.Qwen3ForCausalLM(em.Qwen3Config(**TINY), key=jax.random.key(0))
     params, static = eqx.partition(model, eqx.is_array)
     prompt = jnp.ones((2, 16), jnp.int32)
-    calls = custom_calls(lambda p: em.generate(eqx.combine(p, static), prompt, 4), params)
+    calls = custom_calls(lowered(lambda p: em.generate(eqx.combine(p, static), prompt, 4), params))
     assert set(calls) == {BIASED} and len(calls) == TINY["num_hidden_layers"], calls
 
 
@@ -111,8 +127,8 @@ def test_prefill_takes_cudnn_and_a_decode_step_the_reference_path():
     cache = KVCache.init(1, 64, 4, 64, dtype=jnp.bfloat16)
     x = jnp.ones((1, 32, 256), jnp.bfloat16)
     filled = cache.update(*(jnp.ones((1, 32, 4, 64), jnp.bfloat16),) * 2, jnp.ones((1, 32), jnp.int32))
-    assert custom_calls(lambda m, x, c: m(x, cache=c)[0], layer, x, cache) == [FORWARD]
-    assert custom_calls(lambda m, x, c: m(x, cache=c)[0], layer, x[:, :1], filled) == []
+    assert custom_calls(lowered(lambda m, x, c: m(x, cache=c)[0], layer, x, cache)) == [FORWARD]
+    assert custom_calls(lowered(lambda m, x, c: m(x, cache=c)[0], layer, x[:, :1], filled)) == []
 
 
 @pytest.mark.skipif(jax.__version_info__ > (0, 10, 2), reason="later jaxlibs compile Triton kernels while lowering, "
@@ -140,7 +156,7 @@ def test_omni_encoders_attend_through_cudnn_without_a_mask():
     encoder = Qwen3OmniMoeVisionEncoder(vision, key=jax.random.key(0))
     grid = ((1, 4, 4), (2, 4, 4))
     pixels = jnp.zeros((48, vision.patch_dim), jnp.float32)
-    assert set(custom_calls(lambda m, x: m(x, grid), encoder, pixels)) == {FORWARD}
+    assert set(custom_calls(lowered(lambda m, x: m(x, grid), encoder, pixels))) == {FORWARD}
     audio = Qwen3OmniAudioConfig(
         num_mel_bins=20, encoder_layers=2, encoder_attention_heads=4, encoder_ffn_dim=96, d_model=64,
         max_source_positions=64, n_window=50, n_window_infer=400, downsample_hidden_size=8, output_dim=40,
@@ -148,4 +164,4 @@ def test_omni_encoders_attend_through_cudnn_without_a_mask():
     )
     encoder = Qwen3OmniAudioEncoder(audio, key=jax.random.key(0))
     features = jnp.zeros((20, 430), jnp.float32)
-    assert set(custom_calls(lambda m, x: m(x, (300, 130)), encoder, features)) == {FORWARD}
+    assert set(custom_calls(lowered(lambda m, x: m(x, (300, 130)), encoder, features))) == {FORWARD}

@@ -198,25 +198,28 @@ class Embed(eqx.Module):
         self.embedding = std * jax.random.normal(key, (num_embeddings, num_features), param_dtype)
 
     def __call__(self, ids: Shaped[Array, "*batch"]) -> Float[Array, "*batch embed"]:
-        """Integer ids of any shape -> `[..., embed]` in `dtype`."""
+        """Integer ids of any shape -> `[..., embed]` in `dtype`. The rows are gathered in `param_dtype` and then
+        cast, so the gradient's scatter-add sums a token's occurrences in `param_dtype`: in bf16 the sum of a
+        frequent token's ~1,000 contributions stalls (half its value lost)."""
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"Embed expects integer token ids, got dtype {ids.dtype}")
         check_token_ids(ids, self.num_embeddings)
-        table = self.embedding.astype(self.dtype)
         if self.use_iota_embed:
             one_hot = (ids[..., None] == jnp.arange(self.num_embeddings, dtype=ids.dtype)).astype(self.dtype)
             in_range = (ids >= 0) & (ids < self.num_embeddings)
-            return jnp.where(in_range[..., None], one_hot @ table, jnp.array(jnp.nan, self.dtype))
-        return table.at[ids].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
+            return jnp.where(in_range[..., None], one_hot @ self.embedding.astype(self.dtype),
+                             jnp.array(jnp.nan, self.dtype))
+        rows = self.embedding.at[ids].get(mode="fill", fill_value=jnp.nan, wrap_negative_indices=False)
+        return rows.astype(self.dtype)
 
     def attend(self, x: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:
-        """Tied logits `x @ embedding.T`, operands in `dtype`, accumulated and returned in float32."""
+        """Tied logits `x @ embedding.T` in `dtype`, returned as float32: a bf16 model's logits are rounded to bf16
+        as HF's tied `lm_head` and MaxText's default give them, and the backward's two vocab-sized matmuls stay in
+        bf16 (float32 logits would make them float32 matmuls)."""
         if x.shape[-1] != self.num_features:
             raise ValueError(f"Embed.attend expects last dim {self.num_features}, got shape {x.shape}")
-        return jnp.einsum(
-            "...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype),
-            preferred_element_type=jnp.float32,
-        )
+        logits = jnp.einsum("...d,vd->...v", x.astype(self.dtype), self.embedding.astype(self.dtype))
+        return logits.astype(jnp.float32)
 
 
 # ----------------------------------------------------------------------------------------------------------
