@@ -318,6 +318,8 @@ class Gemma4PartialRotaryEmbedding(eqx.Module):
     """Gemma-4 partial RoPE: half-split over the full head dim with frequencies `1/theta^(2i/head_dim)` for the
     first `rotary_dim / 2` pairs and zero (timescale +inf) for the rest, so the memory layout is
     `[rot half 1 | unrot half 1 | rot half 2 | unrot half 2]` and unrotated dims pass through unchanged.
+    This is HF's "proportional" rope type. The defaults are MaxText's (theta 1e4); Gemma-4's full-attention layers
+    use factor 0.25 and theta 1e6.
     """
 
     embedding_dims: int = eqx.field(static=True)
@@ -457,7 +459,8 @@ class YarnRotaryEmbedding(eqx.Module):
 
 class DeepSeekV4RotaryEmbedding(eqx.Module):
     """DeepSeek-V4 partial RoPE: interleaved pairs on the trailing `int(head_dim * partial_rotary_factor)` dims
-    (the leading "nope" dims pass through); `reverse=True` applies the inverse rotation."""
+    (the leading "nope" dims pass through); `reverse=True` applies the inverse rotation (HF's `-sin` on the
+    attention output). As in HF, cos/sin are rounded to `x.dtype` and the rotation is computed in float32."""
 
     embedding_dims: int = eqx.field(static=True)
     partial_rotary_factor: float = eqx.field(static=True, converter=float, default=64 / 512)
@@ -483,9 +486,11 @@ class DeepSeekV4RotaryEmbedding(eqx.Module):
         positions = _default_positions(positions, x.shape[0], x.shape[1])
         inv_freq = default_inv_freq(self.rotary_dim, self.rope_theta)
         angles = _duplicate(_angles(positions, inv_freq), interleaved=True)[:, :, None]
-        sin = -jnp.sin(angles) if reverse else jnp.sin(angles)
+        cos = jnp.cos(angles).astype(x.dtype).astype(jnp.float32)
+        sin = jnp.sin(angles).astype(x.dtype).astype(jnp.float32)
         nope, rope = x[..., : -self.rotary_dim], x[..., -self.rotary_dim :]
-        return jnp.concatenate([nope, apply_rotary(rope, jnp.cos(angles), sin, interleaved=True)], axis=-1)
+        rotated = apply_rotary(rope.astype(jnp.float32), cos, -sin if reverse else sin, interleaved=True)
+        return jnp.concatenate([nope, rotated.astype(x.dtype)], axis=-1)
 
 
 class Qwen3OmniMoeThinkerTextRotaryEmbedding(eqx.Module):

@@ -10,12 +10,23 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import DeepseekV3Config, LlamaConfig, Qwen3Config, Qwen3NextConfig
+from transformers import (
+    DeepseekV3Config,
+    DeepseekV4Config,
+    Gemma4TextConfig,
+    LlamaConfig,
+    Qwen3Config,
+    Qwen3NextConfig,
+)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import (
     DeepseekV3RotaryEmbedding,
     apply_rotary_pos_emb_interleave,
 )
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import DeepseekV4RotaryEmbedding
+from transformers.models.deepseek_v4.modeling_deepseek_v4 import apply_rotary_pos_emb as v4_apply_rotary_pos_emb
+from transformers.models.gemma4.modeling_gemma4 import Gemma4TextRotaryEmbedding
+from transformers.models.gemma4.modeling_gemma4 import apply_rotary_pos_emb as gemma4_apply_rotary_pos_emb
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply_rotary_pos_emb
 from transformers.models.qwen3.modeling_qwen3 import Qwen3RotaryEmbedding
@@ -45,6 +56,8 @@ from transformers.vision_utils import get_vision_interpolation_indices_and_weigh
 
 from eqx_models.layers import (
     Embed,
+    DeepSeekV4RotaryEmbedding,
+    Gemma4PartialRotaryEmbedding,
     LLaMARotaryEmbedding,
     PartialRotaryEmbedding,
     PositionalEmbedding,
@@ -94,13 +107,14 @@ def _assert_bit_equal(ours, ref, what):
     )
 
 
-def _check_rotary(ours, hf_rope, hf_apply, head_dim, seed, what, *, pre=None, post=None):
+def _check_rotary(ours, hf_rope, hf_apply, head_dim, seed, what, *, pre=None, post=None, high=MAX_POS):
     """Rotates random q ([B,S,4,D]) and k ([B,S,2,D]) with ours and with `hf_apply(q, k, *hf_rope(q, pos))`.
 
-    `pre` maps our input to HF's input layout, `post` maps HF's output to ours (both jnp functions).
+    `pre` maps our input to HF's input layout, `post` maps HF's output to ours (both jnp functions);
+    positions are drawn from `[0, high)`.
     """
     rng = np.random.default_rng(seed)
-    pos = _positions(rng)
+    pos = _positions(rng, high=high)
     q = _randn(rng, (BATCH, SEQ, Q_HEADS, head_dim))
     k = _randn(rng, (BATCH, SEQ, KV_HEADS, head_dim))
     to_ref = (lambda x: x) if pre is None else (lambda x: np.asarray(pre(jnp.asarray(x))))
@@ -544,7 +558,178 @@ def test_omni_audio_sinusoids_match_hf(d_model, max_source_positions, max_wavele
 
 
 # ----------------------------------------------------------------------------------------------------------
-# 9. Tied LM head in bfloat16
+# 9. Gemma-4 "proportional" partial rotary (full-attention layers)
+
+GEMMA4_REAL_HEAD_DIM, GEMMA4_MAX_POS = 512, 131072
+
+
+def _gemma4(global_head_dim, factor, theta=1e6):
+    cfg = Gemma4TextConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=Q_HEADS, num_key_value_heads=KV_HEADS, head_dim=16, global_head_dim=global_head_dim,
+        hidden_size_per_layer_input=16, vocab_size_per_layer_input=256, max_position_embeddings=GEMMA4_MAX_POS,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+            "full_attention": {"rope_type": "proportional", "partial_rotary_factor": factor, "rope_theta": theta},
+        },
+        attn_implementation="eager",
+    )
+    return Gemma4PartialRotaryEmbedding(global_head_dim, factor, max_timescale=theta), Gemma4TextRotaryEmbedding(cfg)
+
+
+def _assert_inv_freq_within_1ulp(ours, ref, what):
+    ulps = np.abs(ours.view(np.int32).astype(np.int64) - ref.view(np.int32).astype(np.int64))
+    print(f"{what}: {int((ulps > 0).sum())} of {ref.size} entries differ, max {ulps.max()} ulp")
+    assert ulps.max() <= 1 and (ulps > 0).sum() <= max(1, ref.size // 32), what
+
+
+def _gemma4_apply(q, k, cos, sin):
+    return gemma4_apply_rotary_pos_emb(q, cos, sin), gemma4_apply_rotary_pos_emb(k, cos, sin)
+
+
+def test_gemma4_real_config_matches_hf():
+    """The full-attention rope of HF's default `Gemma4TextConfig` ("proportional", factor 0.25 = our default,
+    theta 1e6, global head_dim 512): `inv_freq` vs that config's `Gemma4TextRotaryEmbedding`."""
+    cfg = Gemma4TextConfig()
+    params = cfg.rope_parameters["full_attention"]
+    head_dim = cfg.per_layer_config["full_attention"].head_dim
+    assert params["rope_type"] == "proportional" and head_dim == GEMMA4_REAL_HEAD_DIM
+    ours = Gemma4PartialRotaryEmbedding(head_dim, max_timescale=params["rope_theta"])
+    assert ours.partial_rotary_factor == params["partial_rotary_factor"]
+    hf = Gemma4TextRotaryEmbedding(cfg)
+    assert hf.full_attention_attention_scaling == 1.0
+    _assert_inv_freq_within_1ulp(ours.inv_freq, hf.full_attention_inv_freq.numpy(), "gemma4 real inv_freq")
+
+
+GEMMA4_CASES = pytest.mark.parametrize(
+    ("head_dim", "factor"), [(32, 0.25), (256, 0.5), (GEMMA4_REAL_HEAD_DIM, 0.25)], ids=["tiny", "half", "real"]
+)
+
+
+@GEMMA4_CASES
+def test_gemma4_inv_freq_matches_hf(head_dim, factor):
+    """Our `inv_freq` vs HF `_compute_proportional_rope_parameters` (via `Gemma4TextRotaryEmbedding`, theta
+    1e6): `1/theta^(2i/head_dim)` on the first `head_dim * factor / 2` pairs (within 1 ulp: HF's float32 pow is
+    not correctly rounded), exact zeros on the rest."""
+    ours, hf = _gemma4(head_dim, factor)
+    ref = hf.full_attention_inv_freq.numpy()
+    assert ref.shape == (head_dim // 2,) and hf.full_attention_attention_scaling == 1.0
+    np.testing.assert_array_equal(ours.inv_freq == 0, ref == 0)
+    assert int((ref > 0).sum()) == ours.rotary_dim // 2
+    _assert_inv_freq_within_1ulp(ours.inv_freq, ref, f"gemma4 inv_freq d={head_dim} f={factor}")
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("high", [MAX_POS, GEMMA4_MAX_POS], ids=["pos400", "pos131072"])
+@pytest.mark.parametrize(("head_dim", "factor"), [(32, 0.25), (256, 0.5)], ids=["tiny", "half"])
+def test_gemma4_partial_rotary_matches_hf(head_dim, factor, high, seed):
+    """HF `Gemma4TextRotaryEmbedding` ("full_attention", proportional, theta 1e6) + gemma4
+    `apply_rotary_pos_emb`; rel err <= 1e-6; same layout on both sides (half-split over the full head dim, no
+    permutation). Unrotated dims `[r/2, d/2)` and `[d/2 + r/2, d)` are bit-identical to the input.
+
+    Not at the real head_dim 512: HF's float32 pow misrounds one rotated frequency there by 1 ulp on this
+    CPU (see `test_gemma4_inv_freq_matches_hf`), which moves angles at position p by ~p * 1.5e-8 rad."""
+    ours, hf = _gemma4(head_dim, factor)
+    np.testing.assert_array_equal(ours.inv_freq, hf.full_attention_inv_freq.numpy())
+
+    def hf_rope(x, pos):
+        return hf(x, pos, "full_attention")
+
+    what = f"gemma4 proportional d={head_dim} f={factor} pos<{high}"
+    _check_rotary(ours, hf_rope, _gemma4_apply, head_dim, seed, what, high=high)
+    rng = np.random.default_rng(seed)
+    x = _randn(rng, (BATCH, SEQ, Q_HEADS, head_dim))
+    y = np.asarray(ours(jnp.asarray(x), jnp.asarray(_positions(rng, high=high).astype(np.int32))))
+    half, rot = head_dim // 2, ours.rotary_dim // 2
+    np.testing.assert_array_equal(y[..., rot:half], x[..., rot:half])
+    np.testing.assert_array_equal(y[..., half + rot :], x[..., half + rot :])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 10. DeepSeek-V4 partial interleaved rotary ("main" and un-scaled "compress" rope, and the output's reverse)
+
+V4_REAL_HEAD_DIM, V4_MAX_POS = 512, 1_048_576
+V4_THETA = {"main": 10000.0, "compress": 160000.0}
+
+
+def _deepseek_v4(head_dim, factor):
+    cfg = DeepseekV4Config(
+        vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=Q_HEADS, head_dim=head_dim,
+        partial_rotary_factor=factor, q_lora_rank=16, o_lora_rank=8, o_groups=2,
+        max_position_embeddings=V4_MAX_POS, rope_theta=V4_THETA["main"], compress_rope_theta=V4_THETA["compress"],
+        attn_implementation="eager",
+    )
+    return DeepseekV4RotaryEmbedding(cfg)
+
+
+def _v4_apply(reverse):
+    """HF's attention applies `apply_rotary_pos_emb(x, cos, sin)` to q / kv and `(out, cos, -sin)` to the output."""
+    def apply(q, k, cos, sin):
+        sin = -sin if reverse else sin
+        return v4_apply_rotary_pos_emb(q, cos, sin), v4_apply_rotary_pos_emb(k, cos, sin)
+    return apply
+
+
+def test_deepseek_v4_defaults_match_hf_config():
+    """Our defaults are the "main" rope of HF's default `DeepseekV4Config` (default type, theta 1e4, partial
+    factor 64/512 of head_dim 512, so the rotary dim is `qk_rope_head_dim` = 64)."""
+    cfg = DeepseekV4Config()
+    params = cfg.rope_parameters["main"]
+    assert params["rope_type"] == "default" and cfg.head_dim == V4_REAL_HEAD_DIM
+    ours = DeepSeekV4RotaryEmbedding(cfg.head_dim)
+    assert (ours.partial_rotary_factor, ours.rope_theta) == (params["partial_rotary_factor"], params["rope_theta"])
+    assert ours.rotary_dim == cfg.qk_rope_head_dim == 2 * DeepseekV4RotaryEmbedding(cfg).main_inv_freq.shape[0]
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+@pytest.mark.parametrize("high", [MAX_POS, V4_MAX_POS], ids=["pos400", "pos1M"])
+@pytest.mark.parametrize("rope", ["main", "compress"])
+@pytest.mark.parametrize(("head_dim", "factor"), [(32, 0.25), (V4_REAL_HEAD_DIM, 64 / 512)], ids=["tiny", "real"])
+def test_deepseek_v4_rotary_matches_hf(head_dim, factor, rope, high, reverse, seed):
+    """HF `DeepseekV4RotaryEmbedding` (layer type `rope`, default rope type) + deepseek_v4
+    `apply_rotary_pos_emb`, with `-sin` for `reverse=True`; rel err <= 1e-6; same layout on both sides
+    (`[nope | rope]`, interleaved pairs on the trailing rotary dims, no permutation). Nope dims bit-identical."""
+    hf = _deepseek_v4(head_dim, factor)
+    ours = DeepSeekV4RotaryEmbedding(head_dim, factor, rope_theta=V4_THETA[rope])
+    assert ours.rotary_dim == 2 * getattr(hf, f"{rope}_inv_freq").shape[0]
+
+    def hf_rope(x, pos):
+        return hf(x, pos, rope)
+
+    def ours_fn(x, pos):
+        return ours(x, pos, reverse=reverse)
+
+    what = f"deepseek-v4 {rope} d={head_dim} pos<{high} reverse={reverse}"
+    _check_rotary(ours_fn, hf_rope, _v4_apply(reverse), head_dim, seed, what, high=high)
+    rng = np.random.default_rng(seed)
+    x = _randn(rng, (BATCH, SEQ, Q_HEADS, head_dim))
+    y = ours_fn(jnp.asarray(x), jnp.asarray(_positions(rng, high=high).astype(np.int32)))
+    np.testing.assert_array_equal(np.asarray(y)[..., : -ours.rotary_dim], x[..., : -ours.rotary_dim])
+
+
+@pytest.mark.parametrize("reverse", [False, True], ids=["forward", "reverse"])
+def test_deepseek_v4_rotary_bfloat16_matches_hf_bitwise(reverse):
+    """bfloat16 input: bit-identical to HF (cos/sin rounded to bfloat16 by `DeepseekV4RotaryEmbedding`, the
+    rotation done in float32 by `apply_rotary_pos_emb`, then one rounding to bfloat16)."""
+    hf = _deepseek_v4(V4_REAL_HEAD_DIM, 64 / 512)
+    ours = DeepSeekV4RotaryEmbedding(V4_REAL_HEAD_DIM)
+    rng = np.random.default_rng(7)
+    pos = _positions(rng)
+    x = jnp.asarray(_randn(rng, (BATCH, SEQ, Q_HEADS, V4_REAL_HEAD_DIM)), jnp.bfloat16)
+    x_hf = _to_hf(np.asarray(x.astype(jnp.float32))).to(torch.bfloat16)
+    with torch.no_grad():
+        cos, sin = hf(x_hf, torch.from_numpy(pos), "main")
+        ref = v4_apply_rotary_pos_emb(x_hf, cos, -sin if reverse else sin)
+    assert cos.dtype == ref.dtype == torch.bfloat16
+    y = ours(x, jnp.asarray(pos.astype(np.int32)), reverse=reverse)
+    assert y.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(y.astype(jnp.float32)), _from_hf(ref.float()))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# 11. Tied LM head in bfloat16
 
 
 def test_tied_logits_in_bfloat16_match_hf_lm_head():
