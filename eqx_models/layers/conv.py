@@ -7,6 +7,8 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
+from eqx_models.layers.linear import cast_broadcast
+
 
 class DepthwiseCausalConv1D(eqx.Module):
     """`y[t, c] = sum_j weight[j, c] * x[t - K + 1 + j, c] (+ bias[c])`, zeros (or `state`) before `t = 0`.
@@ -123,4 +125,4 @@ class Conv2d(eqx.Module):
             x.astype(self.dtype), self.kernel.astype(self.dtype), stride, ((p, p), (p, p)),
             dimension_numbers=("NHWC", "HWIO", "NHWC"),
         )
-        return y if self.bias is None else y + self.bias.astype(self.dtype)
+        return y if self.bias is None else y + cast_broadcast(self.bias, y.shape, self.dtype)

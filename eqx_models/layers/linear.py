@@ -16,6 +16,13 @@ def _as_tuple(features: int | tuple[int, ...]) -> tuple[int, ...]:
     return features
 
 
+def cast_broadcast(param: Array, shape: tuple[int, ...], dtype: DTypeLike) -> Array:
+    """`param` broadcast to `shape`, then cast to `dtype`: the values of casting first, but the gradient's sum
+    over the broadcast axes runs in `param`'s dtype. Summed in bf16, a norm scale's or bias's gradient over a
+    16k-token batch is ~1% off; in float32 it is exact to float32 rounding."""
+    return jnp.broadcast_to(param, shape).astype(dtype)
+
+
 class Linear(eqx.Module):
     """`y = x . kernel (+ bias)`, contracting the trailing `in_features` axes of `x`.
 
@@ -59,5 +66,5 @@ class Linear(eqx.Module):
             x.astype(self.dtype), self.kernel.astype(self.dtype), ((x_axes, tuple(range(n_in))), ((), ()))
         )
         if self.bias is not None:
-            y = y + self.bias.astype(self.dtype)
+            y = y + cast_broadcast(self.bias, y.shape, self.dtype)
         return y

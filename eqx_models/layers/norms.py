@@ -9,6 +9,8 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float
 
+from eqx_models.layers.linear import cast_broadcast
+
 
 def _check_features(name: str, x: Array, num_features: int) -> None:
     if x.shape[-1] != num_features:
@@ -58,7 +60,7 @@ class RMSNorm(eqx.Module):
             return y.astype(self.dtype)
         if self.scale_offset:
             return (y * (self.scale.astype(jnp.float32) + self.scale_offset)).astype(self.dtype)
-        return y.astype(self.dtype) * self.scale.astype(self.dtype)
+        return y.astype(self.dtype) * cast_broadcast(self.scale, y.shape, self.dtype)
 
 
 class GatedRMSNorm(eqx.Module):
@@ -89,7 +91,8 @@ class GatedRMSNorm(eqx.Module):
         self, x: Float[Array, "*batch features"], gate: Float[Array, "*batch features"]
     ) -> Float[Array, "*batch features"]:
         _check_features("GatedRMSNorm", x, self.num_features)
-        h = self.scale.astype(self.dtype) * _rms_normalize(x, self.eps).astype(self.dtype)
+        y = _rms_normalize(x, self.eps)
+        h = cast_broadcast(self.scale, y.shape, self.dtype) * y.astype(self.dtype)
         return (h.astype(jnp.float32) * jax.nn.silu(gate.astype(jnp.float32))).astype(self.dtype)
 
 

@@ -3,6 +3,7 @@
 import math
 
 import equinox as eqx
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -93,6 +94,17 @@ def test_bf16_compute_with_fp32_params(getkey, rng, use_bias):
     unrounded = np.tensordot(_bf16(x), _bf16(kernel), 1) + (_bf16(bias) if use_bias else 0.0)
     assert_close(y, unrounded, 2**-7, f"Linear bf16 compute bias={use_bias} vs unrounded float64")
     assert layer(jnp.asarray(x, jnp.bfloat16)).dtype == jnp.bfloat16
+
+
+def test_bf16_bias_gradient_is_summed_in_float32(getkey, rng):
+    """With bf16 compute, the float32 bias's gradient over 16,384 rows vs float64 NumPy, tol 1e-5 (float32
+    summation). Summed in bf16, as before `cast_broadcast`, it was 2e-3 off."""
+    layer = Linear(16, 8, use_bias=True, dtype=jnp.bfloat16, key=getkey())
+    x = jnp.asarray(rng.standard_normal((4, 4096, 16)), jnp.float32)
+    cotangent = jnp.asarray(rng.uniform(0.5, 1.5, (4, 4096, 8)), jnp.bfloat16).astype(jnp.float32)
+    grad = jax.grad(lambda m: jnp.sum(m(x).astype(jnp.float32) * cotangent))(layer)
+    assert grad.bias.dtype == jnp.float32
+    assert_close(grad.bias, np.asarray(cotangent, np.float64).sum((0, 1)), 1e-5, "bf16 Linear bias gradient")
 
 
 @pytest.mark.parametrize("in_f,out_f", IN_OUT, ids=IN_OUT_IDS)
