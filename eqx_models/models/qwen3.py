@@ -410,7 +410,10 @@ class Qwen3NextFullAttention(eqx.Module):
 
 
 class Qwen3NextSparseMoeBlock(eqx.Module):
-    """HF `Qwen3NextSparseMoeBlock`: routed experts plus a shared expert scaled by `sigmoid(x @ w_gate)`."""
+    """HF `Qwen3NextSparseMoeBlock`: routed experts plus a shared expert scaled by `sigmoid(x @ w_gate)`.
+
+    The scaling multiplies in float32: a product of two bf16 values is exact there, so the output is HF's, and
+    the gate's gradient, a sum over `embed`, is summed in float32 rather than bf16."""
 
     experts: RoutedMoE
     shared_expert: MLP
@@ -433,8 +436,9 @@ class Qwen3NextSparseMoeBlock(eqx.Module):
         self, x: Float[Array, "batch seq embed"], token_mask: Bool[Array, "batch seq"] | None = None
     ) -> tuple[Float[Array, "batch seq embed"], RouterStats]:
         routed, stats = self.experts(x, token_mask)
-        shared = jax.nn.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return routed + shared, stats
+        gate = jax.nn.sigmoid(self.shared_expert_gate(x)).astype(jnp.float32)
+        shared = self.shared_expert(x)
+        return routed + (gate * shared.astype(jnp.float32)).astype(shared.dtype), stats
 
 
 class Qwen3NextDecoderLayer(eqx.Module):
