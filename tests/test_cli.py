@@ -307,7 +307,7 @@ def test_ctrl_c_during_train_stops_cleanly_and_resumes(tmp_path):
     assert f"interrupted; run the same command with --resume to continue from the last checkpoint in {checkpoints}" \
         in stderr
     steps = sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit())
-    assert steps and sorted(p.name for p in checkpoints.iterdir()) == [str(step) for step in steps]
+    assert steps and sorted(p.name for p in checkpoints.iterdir()) == sorted(str(step) for step in steps)
 
     out = run("train", "--steps", str(steps[-1] + 1), "--out", str(run_dir), "--resume", *common)
     assert f"over 1 step after resuming at step {steps[-1]}" in out.stdout
