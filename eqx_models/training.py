@@ -4,6 +4,7 @@ The LM head and cross-entropy run over sequence chunks under `jax.checkpoint`, s
 batch never exist at once, in the forward or the backward pass; value and gradient equal the unchunked loss.
 """
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,7 @@ def check_batch(batch: Batch) -> None:
 
 def _check_chunk_size(chunk_size: object) -> None:
     """Rejects a loss chunk size that is not a positive int (0 would divide by zero when splitting)."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_a(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int (positions per loss chunk), got {chunk_size!r}")
 
 
@@ -51,6 +52,9 @@ def chunked_cross_entropy(
     float32 `[..., vocab]`. Chunks of `chunk_size` positions are materialised one at a time."""
     _check_chunk_size(chunk_size)
     batch, seq, embed = hidden.shape
+    if seq == 0:
+        raise ValueError(f"chunked_cross_entropy needs seq >= 1, got hidden states of shape {hidden.shape}")
+    chunk_size = int(chunk_size)
     chunk = min(chunk_size, seq)
     pad = -seq % chunk
     if pad:
@@ -127,8 +131,10 @@ def lm_loss(
     thinker's text path included); other keys raise (`check_batch`).
 
     `normalizers`: the whole batch's `loss_normalizers` when `batch` is one micro-batch of it. Every term is
-    then this micro-batch's share of the whole-batch loss (the MoE loss weighted by its share of the tokens),
-    so losses, gradients and metrics of the micro-batches add up to the whole batch's.
+    then this micro-batch's share of the whole-batch loss, so losses, gradients and metrics of the micro-batches
+    add up to the whole batch's. The exception is the MoE load-balancing loss, a product of batch-wide router
+    statistics: each micro-batch's own is weighted by its share of the tokens (3e-3 relative to the whole batch's
+    with 2 micro-batches in the tests).
     """
     check_batch(batch)
     out = model.forward(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
@@ -172,7 +178,8 @@ def make_optimizer(
     Weight decay applies to every parameter, as in MaxText, unless `weight_decay_mask` (optax's `mask`: a pytree
     of bools shaped like the parameters, or a function of them returning one) says where it applies."""
     checks = {
-        "learning_rate": (learning_rate, is_a(learning_rate, float) and learning_rate > 0, "a number > 0"),
+        "learning_rate": (learning_rate, is_a(learning_rate, float) and 0 < learning_rate < math.inf,
+                          "a finite number > 0"),
         "total_steps": (total_steps, is_a(total_steps, int) and total_steps >= 1, "an int >= 1"),
         "warmup_steps": (warmup_steps, is_a(warmup_steps, int) and 0 <= warmup_steps <= total_steps,
                          "an int in [0, total_steps]"),
@@ -211,9 +218,11 @@ def make_train_step(
     With `grad_accum_steps > 1` the batch is split into that many micro-batches along the batch axis, and
     `loss_fn` also receives `normalizers=loss_normalizers(model, batch)` of the whole batch; the micro-batches'
     float32 gradients and metrics are summed, which equals the full-batch per-token means (main and MTP) even
-    with uneven padding. A custom `loss_fn` must then return such shares, as `lm_loss` does."""
-    if grad_accum_steps < 1:
-        raise ValueError(f"grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    with uneven padding; the MoE load-balancing loss is the token-weighted mean of the micro-batches' (`lm_loss`).
+    A custom `loss_fn` must then return such shares, as `lm_loss` does."""
+    if not is_a(grad_accum_steps, int) or grad_accum_steps < 1:
+        raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
+    grad_accum_steps = int(grad_accum_steps)
     if "chunk_size" in loss_kwargs:
         _check_chunk_size(loss_kwargs["chunk_size"])
 

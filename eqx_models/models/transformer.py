@@ -97,7 +97,7 @@ def roll_and_mask_by_segment(
     the same (non-padding) segment, so predictions never cross packed-sequence boundaries."""
     rolled = jnp.concatenate([values[:, 1:], jnp.zeros_like(values[:, :1])], axis=1)
     same = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, 1:] != 0)
-    same = jnp.concatenate([same, jnp.zeros_like(same[:, :1])], axis=1)
+    same = jnp.concatenate([same, jnp.zeros((same.shape[0], 1), bool)], axis=1)
     rolled_valid = jnp.concatenate([valid[:, 1:], jnp.zeros_like(valid[:, :1])], axis=1)
     return rolled, rolled_valid & same
 
