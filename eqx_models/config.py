@@ -13,6 +13,9 @@ import typing
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
+import jax.numpy as jnp
+from jax.typing import DTypeLike
+
 from eqx_models.layers.gated_delta import GATED_DELTA_IMPLS
 from eqx_models.layers.moe import MOE_IMPLS
 
@@ -49,8 +52,14 @@ def is_a(value: Any, kind: type) -> bool:
 
 def _check_types(cfg: Any) -> None:
     """Every field annotated with plain types (`int`, `float | None`, `bool`, `str`) holds one of them, so a
-    wrongly typed value from a JSON file is named here rather than failing later in a comparison."""
+    wrongly typed value from a JSON file is named here rather than failing later in a comparison. `dtype` and
+    `param_dtype` also take a NumPy / JAX dtype (`jnp.bfloat16`), kept by name."""
     for field in dataclasses.fields(cfg):
+        if field.name in ("dtype", "param_dtype") and not isinstance(getattr(cfg, field.name), str):
+            try:
+                object.__setattr__(cfg, field.name, jnp.dtype(getattr(cfg, field.name)).name)
+            except TypeError:
+                pass
         union = typing.get_origin(field.type) in (typing.Union, types.UnionType)
         kinds = typing.get_args(field.type) if union else (field.type,)
         if not all(kind in (bool, int, float, str, type(None)) for kind in kinds):
@@ -100,8 +109,8 @@ class Qwen3Config:
     eos_token_id: int | list[int] | None = None
     pad_token_id: int | None = None
     # runtime choices (not written to config.json)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    dtype: DTypeLike = "float32"
+    param_dtype: DTypeLike = "float32"
     remat_policy: str = "none"
     attention_kernel: str = "auto"
     mtp_num_layers: int = 0  # multi-token prediction depths (training side-car; not in HF checkpoints)
@@ -417,8 +426,8 @@ class Qwen3OmniVisionConfig:
     initializer_range: float = 0.02
     rope_theta: float = 10_000.0
     # runtime choices (not written to config.json)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    dtype: DTypeLike = "float32"
+    param_dtype: DTypeLike = "float32"
     remat_policy: str = "none"
     attention_kernel: str = "auto"
 
@@ -517,8 +526,8 @@ class Qwen3OmniAudioConfig:
     conv_chunksize: int = 500
     downsample_hidden_size: int = 480
     # runtime choices (not written to config.json)
-    dtype: str = "float32"
-    param_dtype: str = "float32"
+    dtype: DTypeLike = "float32"
+    param_dtype: DTypeLike = "float32"
     remat_policy: str = "none"
     attention_kernel: str = "auto"
 

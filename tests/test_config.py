@@ -8,6 +8,7 @@ from pathlib import Path
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 import transformers
 
@@ -85,6 +86,20 @@ def test_from_hf_dict_without_head_dim_names_the_missing_field():
     data = {k: v for k, v in TINY_MOE.items() if k not in ("head_dim", "num_attention_heads")}
     with pytest.raises(ValueError, match="num_attention_heads"):
         em.Qwen3MoeConfig.from_hf_dict(data)
+
+
+@pytest.mark.parametrize("cls", [em.Qwen3Config, em.Qwen3MoeConfig, em.Qwen3NextConfig, Qwen3OmniAudioConfig])
+def test_dtypes_are_taken_as_dtype_objects_and_kept_by_name(cls):
+    cfg = cls(dtype=jnp.bfloat16, param_dtype=np.dtype("float32"))
+    assert (cfg.dtype, cfg.param_dtype) == ("bfloat16", "float32")
+    assert cfg == cls(dtype="bfloat16") and hash(cfg) == hash(cls(dtype="bfloat16"))
+    with pytest.raises(ValueError, match="dtype must be 'float32', 'bfloat16' or 'float16', got 'int32'"):
+        cls(dtype=jnp.int32)
+
+
+def test_thinker_passes_dtype_objects_to_every_sub_config():
+    cfg = em.Qwen3OmniThinkerConfig.from_hf_dict(em.Qwen3OmniThinkerConfig().to_hf_dict(), dtype=jnp.bfloat16)
+    assert {c.dtype for c in (cfg.text_config, cfg.vision_config, cfg.audio_config)} == {"bfloat16"}
 
 
 def test_configs_are_frozen():
