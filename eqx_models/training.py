@@ -15,7 +15,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
 from eqx_models.config import is_a
-from eqx_models.layers.embeddings import check_token_ids
+from eqx_models.layers.embeddings import check_segment_ids, check_token_ids
 from eqx_models.models.transformer import roll_and_mask_by_segment
 
 Batch = dict[str, ArrayLike]
@@ -32,6 +32,11 @@ def check_batch(batch: Batch) -> None:
         hint = (" (segment_ids are an attention mask too: 0 = padding, 1.. = document)"
                 if "attention_mask" in unknown else "")
         raise ValueError(f"the batch may hold only {', '.join(BATCH_KEYS)}; got also {', '.join(unknown)}{hint}")
+
+
+def _ready(x: Any) -> bool:
+    """Whether `x` can be read without waiting: data still being computed on the device is not checked."""
+    return not (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and not x.is_ready())
 
 
 def _check_chunk_size(chunk_size: object) -> None:
@@ -211,8 +216,8 @@ def make_train_step(
 ) -> Callable:
     """`step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, jitted with the model and optimizer
     state donated. Parameters stay in their `param_dtype` (fp32 master weights with `dtype="bfloat16"` compute
-    is the mixed-precision set-up). Ids outside the vocabulary, which would turn every parameter into NaN, raise
-    before the step when they are on the host or already computed; `lm_loss` rejects batch keys it would ignore
+    is the mixed-precision set-up). Ids outside the vocabulary, which would turn every parameter into NaN, and
+    negative segment ids raise before the step when they are on the host or already computed; `lm_loss` rejects batch keys it would ignore
     while it is traced, also before anything is donated.
 
     With `grad_accum_steps > 1` the batch is split into that many micro-batches along the batch axis, and
@@ -259,10 +264,11 @@ def make_train_step(
         return model, opt_state, metrics
 
     def train_step(model, opt_state, batch: Batch, key: PRNGKeyArray):
-        ids = batch.get("input_ids")
-        computing = isinstance(ids, jax.Array) and not isinstance(ids, jax.core.Tracer) and not ids.is_ready()
-        if ids is not None and not computing:  # ids still being computed on the device are not waited for
+        ids, segments = batch.get("input_ids"), batch.get("segment_ids")
+        if ids is not None and _ready(ids):
             check_token_ids(ids, model.transformer.embed.num_embeddings)
+        if segments is not None and _ready(segments):
+            check_segment_ids(segments)
         return step(batch, model, opt_state, key)
 
     return train_step

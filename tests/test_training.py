@@ -884,7 +884,8 @@ def test_weight_decay_mask_spares_what_it_excludes():
 
 def test_bad_batches_raise_before_the_step_and_keep_the_model(model):
     """A batch with keys the loss would silently ignore (an HF `attention_mask`: padding would be trained on; an
-    image) or an id outside the vocabulary (an NaN embedding row that would poison every parameter) raises a
+    image), an id outside the vocabulary (an NaN embedding row that would poison every parameter) or a negative
+    segment id (padding in the loss, a document in attention) raises a
     ValueError naming it before the step runs, so nothing is donated; a NumPy batch is taken."""
     opt = _optimizer(1e-3, total_steps=4)
     step, m = make_train_step(opt), _copy(model)
@@ -896,7 +897,8 @@ def test_bad_batches_raise_before_the_step_and_keep_the_model(model):
               "got also attention_mask .segment_ids are an attention mask too"),
              (dict(batch, pixel_values=np.zeros((4, 8), np.float32)), "got also pixel_values"),
              ({"segment_ids": batch["segment_ids"]}, "needs input_ids"),
-             (bad_id, rf"token ids must lie in \[0, {VOCAB}\)")]
+             (bad_id, rf"token ids must lie in \[0, {VOCAB}\)"),
+             (dict(batch, segment_ids=-batch["segment_ids"]), r"segment_ids must be >= 0")]
     for bad, message in cases:
         with pytest.raises(ValueError, match=message):
             step(m, state, bad, jax.random.key(0))

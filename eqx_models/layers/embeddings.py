@@ -10,7 +10,7 @@ activation dtype before the rotation, as HF does.
 """
 
 import math
-from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -23,18 +23,35 @@ from jaxtyping import Array, Float, Int, PRNGKeyArray, Real, Shaped
 # Layout helpers and the shared rotation
 
 
-def check_token_ids(ids: Shaped[Array, "..."] | np.ndarray, num_embeddings: int) -> None:
-    """Concrete ids outside `[0, num_embeddings)` raise; traced ones, and arrays spread over other hosts, cannot
-    be checked (`Embed` gives them NaN rows). Read on the host, so a concrete array closed over by a jitted
-    function is checked too."""
+def _host_min_max(what: str, ids: Any) -> tuple[int, int] | None:
+    """`(min, max)` of concrete integer ids read on the host (so a concrete array closed over by a jitted function
+    counts); None for traced ones, empty ones and arrays spread over other hosts, which cannot be read here."""
+    if not hasattr(ids, "dtype"):
+        raise TypeError(f"{what} must be an integer array (JAX or NumPy), got {type(ids).__name__}")
+    if not jnp.issubdtype(ids.dtype, jnp.integer):
+        raise ValueError(f"{what} must be integers, got dtype {ids.dtype}")
     if isinstance(ids, jax.core.Tracer) or not ids.size:
-        return
+        return None
     if isinstance(ids, jax.Array) and not ids.is_fully_addressable:
-        return
+        return None
     host = np.asarray(ids)
-    low, high = int(host.min()), int(host.max())
-    if low < 0 or high >= num_embeddings:
-        raise ValueError(f"token ids must lie in [0, {num_embeddings}), got range [{low}, {high}]")
+    return int(host.min()), int(host.max())
+
+
+def check_token_ids(ids: Any, num_embeddings: int) -> None:
+    """Concrete ids outside `[0, num_embeddings)` raise; ids that cannot be read here are not checked (`Embed`
+    gives them NaN rows)."""
+    bounds = _host_min_max("token ids", ids)
+    if bounds is not None and (bounds[0] < 0 or bounds[1] >= num_embeddings):
+        raise ValueError(f"token ids must lie in [0, {num_embeddings}), got range [{bounds[0]}, {bounds[1]}]")
+
+
+def check_segment_ids(segment_ids: Any) -> None:
+    """Concrete negative segment ids raise (0 is padding, 1.. a document); ids that cannot be read here are not
+    checked, and a negative one acts as padding in the loss."""
+    bounds = _host_min_max("segment_ids", segment_ids)
+    if bounds is not None and bounds[0] < 0:
+        raise ValueError(f"segment_ids must be >= 0 (0 = padding, 1.. = document), got {bounds[0]}")
 
 
 def rotate_half(x: Float[Array, "*batch dim"]) -> Float[Array, "*batch dim"]:
@@ -201,8 +218,6 @@ class Embed(eqx.Module):
         """Integer ids of any shape -> `[..., embed]` in `dtype`. The rows are gathered in `param_dtype` and then
         cast, so the gradient's scatter-add sums a token's occurrences in `param_dtype`: in bf16 the sum of a
         frequent token's ~1,000 contributions stalls (half its value lost)."""
-        if not jnp.issubdtype(ids.dtype, jnp.integer):
-            raise ValueError(f"Embed expects integer token ids, got dtype {ids.dtype}")
         check_token_ids(ids, self.num_embeddings)
         if self.use_iota_embed:
             one_hot = (ids[..., None] == jnp.arange(self.num_embeddings, dtype=ids.dtype)).astype(self.dtype)

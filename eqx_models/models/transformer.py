@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
-from eqx_models.layers.embeddings import Embed
+from eqx_models.layers.embeddings import Embed, check_segment_ids
 from eqx_models.layers.linear import Linear
 from eqx_models.layers.norms import RMSNorm
 
@@ -241,8 +241,8 @@ class Transformer(eqx.Module):
             raise ValueError(f"input_ids must be [batch, seq] with seq >= 1, got {input_ids.shape}")
         if segment_ids is not None and segment_ids.shape != input_ids.shape:
             raise ValueError(f"segment_ids {segment_ids.shape} must match input_ids {input_ids.shape}")
-        if segment_ids is not None and not jnp.issubdtype(segment_ids.dtype, jnp.integer):
-            raise ValueError(f"segment_ids must be integers (0 = padding, 1.. = document), got {segment_ids.dtype}")
+        if segment_ids is not None:
+            check_segment_ids(segment_ids)
         if layer_residuals is not None and layer_residuals.shape[1:] != hidden.shape:
             raise ValueError(f"layer_residuals {layer_residuals.shape} must be [depth, *{hidden.shape}]")
         if layer_residuals is not None and layer_residuals.shape[0] == 0:

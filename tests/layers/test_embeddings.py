@@ -1,6 +1,7 @@
 """`eqx_models.layers.embeddings`: float64 NumPy references written from the math, HF's Llama-4 vision RoPE,
 MaxText's published snapshot values, hypothesis properties of every rotary variant, and bad-input errors."""
 
+import inspect
 from typing import Callable, NamedTuple
 
 import equinox as eqx
@@ -696,10 +697,13 @@ def test_positions_shape_mismatch_raises():
 
 
 def test_embed_rejects_float_ids(getkey):
-    """Float ids are not silently truncated."""
+    """Float ids are not silently truncated; a Python list (no type hook to catch it) is named, not an
+    AttributeError."""
     embed = Embed(10, 4, key=getkey())
-    with pytest.raises(ValueError, match="integer token ids, got dtype float32"):
+    with pytest.raises(ValueError, match="token ids must be integers, got dtype float32"):
         embed(jnp.array([0.0, 1.0]))
+    with pytest.raises(TypeError, match=r"token ids must be an integer array \(JAX or NumPy\), got list"):
+        inspect.unwrap(Embed.__call__)(embed, [[0, 1]])
 
 
 @pytest.mark.parametrize("use_iota_embed", [False, True])

@@ -449,10 +449,11 @@ def test_bfloat16_model(moe, tol):
     ("model", dict(positions=jnp.zeros((2, 5, 3), jnp.int32)), r"one position per token"),
     ("transformer", dict(segment_ids=jnp.full((2, 5), 0.5)), r"segment_ids must be integers"),
     ("transformer", dict(segment_ids=jnp.ones((2, 4), jnp.int32)), r"segment_ids \(2, 4\) must match"),
-], ids=["empty", "mrope-positions", "float-segments", "segment-shape"])
+    ("transformer", dict(segment_ids=jnp.array([[1, 1, -1, 2, 2]] * 2)), r"segment_ids must be >= 0 .* got -1"),
+], ids=["empty", "mrope-positions", "float-segments", "segment-shape", "negative-segment"])
 def test_bad_forward_inputs_are_named(where, kwargs, message):
-    """Without the type hook (users may not run one) a bad forward input is a ValueError naming it, not a
-    broadcasting error from deep inside attention or a silent cast (0.5 -> padding)."""
+    """Without the type hook (users may not run one) a bad forward input is a clear error naming it, not a
+    broadcasting error from deep inside attention or a silent cast (0.5 -> padding, -1 -> padding)."""
     import inspect
 
     model = _random_model(_dense_cfg())
