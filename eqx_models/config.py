@@ -628,7 +628,9 @@ class Qwen3OmniThinkerTextConfig(Qwen3MoeConfig):
                 f"{self.head_dim // 2}"
             )
         if self.rope_scaling is not None:
-            raise ValueError(f"the Omni thinker supports only the default MRoPE, got rope_scaling {dict(self.rope_scaling)}")
+            raise ValueError(
+                f"the Omni thinker supports only the default MRoPE, got rope_scaling {dict(self.rope_scaling)}"
+            )
         if self.use_sliding_window:
             raise ValueError("the Omni thinker text model has no sliding-window attention")
 
@@ -713,7 +715,8 @@ class Qwen3OmniThinkerConfig:
             )
         if self.audio_config.output_dim != hidden:
             raise ValueError(
-                f"audio_config.output_dim ({self.audio_config.output_dim}) must equal text_config.hidden_size ({hidden})"
+                f"audio_config.output_dim ({self.audio_config.output_dim}) must equal text_config.hidden_size "
+                f"({hidden})"
             )
         if self.tie_word_embeddings != self.text_config.tie_word_embeddings:
             raise ValueError(

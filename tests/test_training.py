@@ -751,9 +751,9 @@ def test_bad_chunk_size_raises(model, chunk_size):
 
 
 def test_chunked_cross_entropy_edge_inputs():
-    """A NumPy int chunk size is taken like an int (without the type-check hook); an empty sequence is a ValueError naming seq (it was a
-    ZeroDivisionError); a one-token batch has no next-token target, so no valid target (it was a reshape
-    error)."""
+    """A NumPy int chunk size is taken like an int (without the type-check hook); an empty sequence is a
+    ValueError naming seq (it was a ZeroDivisionError); a one-token batch has no next-token target, so no valid
+    target (it was a reshape error)."""
     args = (lambda x: x, jnp.zeros((1, 4, 8), jnp.float32), jnp.zeros((1, 4), jnp.int32), jnp.ones((1, 4), bool))
     xent, _ = inspect.unwrap(chunked_cross_entropy)(*args, chunk_size=np.int64(3))  # without the type-check hook
     assert_close(xent, 4 * np.log(8.0), 1e-6, "uniform logits, 4 targets")

@@ -421,8 +421,9 @@ class Attention(eqx.Module):
             self.qkv = None
             query_dim = 2 * head_dim if output_gate else head_dim
             self.query = Linear(embed_dim, (num_query_heads, query_dim), key=k_q, **common)
-            self.key = Linear(embed_dim, (num_kv_heads, head_dim), key=k_k, **common)
-            self.value = None if share_kv_projections else Linear(embed_dim, (num_kv_heads, head_dim), key=k_v, **common)
+            kv_shape = (num_kv_heads, head_dim)
+            self.key = Linear(embed_dim, kv_shape, key=k_k, **common)
+            self.value = None if share_kv_projections else Linear(embed_dim, kv_shape, key=k_v, **common)
         out_common = dict(common, use_bias=use_bias if use_out_bias is None else use_out_bias)
         self.out = Linear((num_query_heads, head_dim), embed_dim, key=k_o, **out_common)
 

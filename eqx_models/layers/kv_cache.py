@@ -140,5 +140,6 @@ class KVCache(eqx.Module):
     ) -> tuple[Float[Array, "batch max_length kv_heads head_dim"], Float[Array, "batch max_length kv_heads head_dim"]]:
         """The whole buffers in `dtype` (dequantized when int8)."""
         if self.quantized:
-            return dequantize_int8(self.key, self.key_scale, dtype), dequantize_int8(self.value, self.value_scale, dtype)
+            key = dequantize_int8(self.key, self.key_scale, dtype)
+            return key, dequantize_int8(self.value, self.value_scale, dtype)
         return self.key.astype(dtype), self.value.astype(dtype)

@@ -35,7 +35,7 @@ call with `expert_fn` uses the sorted buffers whatever `impl` says.
 import functools
 import math
 from collections.abc import Callable
-from typing import Literal, NamedTuple
+from typing import NamedTuple
 
 import equinox as eqx
 import jax

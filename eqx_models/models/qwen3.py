@@ -13,7 +13,6 @@ from eqx_models.layers.attention import Attention
 from eqx_models.layers.conv import DepthwiseCausalConv1D
 from eqx_models.layers.embeddings import (
     Embed,
-    LLaMARotaryEmbedding,
     PartialRotaryEmbedding,
     Qwen3OmniMoeThinkerTextRotaryEmbedding,
     RotaryEmbedding,

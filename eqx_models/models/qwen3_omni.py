@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
-from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real, Shaped
 
 from eqx_models.config import Qwen3OmniAudioConfig, Qwen3OmniThinkerConfig, Qwen3OmniVisionConfig

@@ -594,7 +594,8 @@ def test_merge_attention_over_key_halves(rng, masked, with_sinks):
     q = _x(rng, (batch, q_len, 4, 16))
     k, v = _x(rng, (batch, kv_len, 2, 16)), _x(rng, (batch, kv_len, 2, 16))
     if masked:
-        mask = (np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + 4)[None] & (rng.random((batch, q_len, kv_len)) > 0.3)
+        banded = np.arange(kv_len)[None, :] <= np.arange(q_len)[:, None] + 4
+        mask = banded[None] & (rng.random((batch, q_len, kv_len)) > 0.3)
         mask[:, :, 0] = True
     else:
         mask = np.ones((batch, q_len, kv_len), bool)
@@ -644,7 +645,8 @@ def test_select_kernel():
 
 @pytest.mark.parametrize("segmented", [True, False], ids=["segmented", "unsegmented"])
 @pytest.mark.parametrize(
-    "attention_type,window", [("global", None), ("local_sliding", 3), ("full", None)], ids=["global", "sliding3", "full"]
+    "attention_type,window", [("global", None), ("local_sliding", 3), ("full", None)],
+    ids=["global", "sliding3", "full"],
 )
 def test_cudnn_mask_mapping_matches_reference(monkeypatch, rng, attention_type, window, segmented):
     """`cudnn_attention` (is_causal / local window / segment mask), run through XLA's implementation of

@@ -162,7 +162,8 @@ def test_qwen3_inv_freq_bit_equal(head_dim, params):
     ours, hf = _qwen3_rotary(head_dim, params)
     ref = hf.inv_freq.numpy()
     ulps = np.abs(ours.inv_freq.view(np.int32).astype(np.int64) - ref.view(np.int32).astype(np.int64))
-    print(f"qwen3 {params['rope_type']} inv_freq d={head_dim}: {int((ulps > 0).sum())} entries differ, max {ulps.max()} ulp")
+    differ = int((ulps > 0).sum())
+    print(f"qwen3 {params['rope_type']} inv_freq d={head_dim}: {differ} entries differ, max {ulps.max()} ulp")
     assert ulps.max() <= 1
     assert (ulps > 0).sum() <= max(1, ref.size // 32)
 
