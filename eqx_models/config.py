@@ -20,11 +20,21 @@ from eqx_models.layers.gated_delta import GATED_DELTA_IMPLS
 from eqx_models.layers.moe import MOE_IMPLS
 
 REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj")
-ROPE_TYPES = ("default", "linear", "yarn")
+ROPE_TYPES = ("default", "linear", "yarn", "llama3")
 _RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "moe_impl", "moe_capacity_factor",
                    "moe_fast_capacity_factor", "mtp_num_layers", "mtp_loss_scaling_factor", "gated_delta_impl",
                    "gated_delta_chunk_size")
 LAYER_TYPES = ("linear_attention", "full_attention")
+
+
+def _check_llama3_scaling(scaling: Mapping[str, Any]) -> None:
+    """The keys HF's `_compute_llama3_parameters` reads, with `high_freq_factor > low_freq_factor > 0`."""
+    keys = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    absent = [k for k in keys if not (is_a(scaling.get(k), float) and scaling[k] > 0)]
+    if absent:
+        raise ValueError(f"rope_scaling type 'llama3' needs positive numbers {', '.join(absent)}; got {dict(scaling)}")
+    if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
+        raise ValueError(f"rope_scaling type 'llama3' needs high_freq_factor > low_freq_factor, got {dict(scaling)}")
 
 
 def _check_runtime(cfg: Any) -> None:
@@ -138,6 +148,8 @@ class Qwen3Config:
             factor = self.rope_scaling.get("factor")
             if rope_type != "default" and not (is_a(factor, float) and factor > 0):
                 raise ValueError(f"rope_scaling type {rope_type!r} needs a positive number `factor`, got {factor!r}")
+            if rope_type == "llama3":
+                _check_llama3_scaling(self.rope_scaling)
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling, rope_type=rope_type))
         if self.use_sliding_window and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(f"use_sliding_window needs sliding_window >= 1, got {self.sliding_window}")

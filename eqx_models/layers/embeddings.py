@@ -372,7 +372,8 @@ class LLaMARotaryEmbedding(eqx.Module):
     """Meta's original RoPE: interleaved pairs, with Llama-3.1 frequency scaling when `use_scale`.
 
     HF applies the same frequencies in the half-split layout (its checkpoints' q/k rows are permuted):
-    `LLaMARotaryEmbedding(x) == half_to_interleaved(hf_rope(interleaved_to_half(x)))`.
+    `LLaMARotaryEmbedding(x) == half_to_interleaved(hf_rope(interleaved_to_half(x)))`; `interleaved=False`
+    rotates half-split pairs as HF does (rope type `llama3` in an HF Qwen3 config).
     """
 
     embedding_dims: int = eqx.field(static=True)
@@ -383,6 +384,7 @@ class LLaMARotaryEmbedding(eqx.Module):
     low_freq_factor: float = eqx.field(static=True, converter=float, default=1.0)
     high_freq_factor: float = eqx.field(static=True, converter=float, default=4.0)
     old_context_len: int = eqx.field(static=True, default=8192)
+    interleaved: bool = eqx.field(static=True, default=True)
 
     def __check_init__(self):
         _check_even("LLaMARotaryEmbedding", "embedding_dims", self.embedding_dims)
@@ -406,8 +408,8 @@ class LLaMARotaryEmbedding(eqx.Module):
     ) -> Float[Array, "batch seq heads head_dim"]:
         _check_rank4("LLaMARotaryEmbedding", x, self.embedding_dims)
         positions = _default_positions(positions, x.shape[0], x.shape[1])
-        angles = _duplicate(_angles(positions, self.inv_freq), interleaved=True)[:, :, None]
-        return apply_rotary(x, jnp.cos(angles), jnp.sin(angles), interleaved=True)
+        angles = _duplicate(_angles(positions, self.inv_freq), self.interleaved)[:, :, None]
+        return apply_rotary(x, jnp.cos(angles), jnp.sin(angles), interleaved=self.interleaved)
 
 
 class YarnRotaryEmbedding(eqx.Module):

@@ -13,6 +13,7 @@ from eqx_models.layers.attention import Attention
 from eqx_models.layers.conv import DepthwiseCausalConv1D
 from eqx_models.layers.embeddings import (
     Embed,
+    LLaMARotaryEmbedding,
     PartialRotaryEmbedding,
     Qwen3OmniMoeThinkerTextRotaryEmbedding,
     RotaryEmbedding,
@@ -34,7 +35,7 @@ from eqx_models.models.transformer import (
 
 
 def rotary_from_config(cfg: Qwen3Config) -> eqx.Module:
-    """The rotary embedding HF builds for `rope_theta` / `rope_scaling` (default, linear, yarn)."""
+    """The rotary embedding HF builds for `rope_theta` / `rope_scaling` (default, linear, yarn, llama3)."""
     if getattr(cfg, "mrope_section", None) is not None:  # Qwen3-Omni thinker text: interleaved MRoPE
         return Qwen3OmniMoeThinkerTextRotaryEmbedding(cfg.head_dim, max_timescale=cfg.rope_theta,
                                                       mrope_section=tuple(cfg.mrope_section))
@@ -45,6 +46,12 @@ def rotary_from_config(cfg: Qwen3Config) -> eqx.Module:
     if rope_type == "linear":
         return RotaryEmbedding(cfg.head_dim, max_timescale=cfg.rope_theta,
                                rope_linear_scaling_factor=float(scaling["factor"]))
+    if rope_type == "llama3":
+        return LLaMARotaryEmbedding(
+            cfg.head_dim, max_timescale=cfg.rope_theta, scale_factor=scaling["factor"],
+            low_freq_factor=scaling["low_freq_factor"], high_freq_factor=scaling["high_freq_factor"],
+            old_context_len=scaling["original_max_position_embeddings"], interleaved=False,
+        )
     original = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
     factor = scaling.get("factor") or cfg.max_position_embeddings / original
     return YarnRotaryEmbedding(

@@ -4,6 +4,8 @@ LM head in bf16.
 HF tensors are `[batch, heads, seq, head_dim]`; ours are `[batch, seq, heads, head_dim]`.
 """
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -233,6 +235,16 @@ def test_llama3_rotary_matches_hf(head_dim, params, seed):
     ours, hf = _llama3(head_dim, params)
     _check_rotary(ours, hf, llama_apply_rotary_pos_emb, head_dim, seed, f"llama3 rope d={head_dim}",
                   pre=interleaved_to_half, post=half_to_interleaved)
+
+
+@LLAMA3_CASES
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_llama3_half_split_matches_hf_qwen3(head_dim, params):
+    """`interleaved=False` (a Qwen3 config with rope type llama3) equals HF `Qwen3RotaryEmbedding` + qwen3
+    `apply_rotary_pos_emb` with no layout change; rel err <= 1e-6."""
+    ours = dataclasses.replace(_llama3(head_dim, params)[0], interleaved=False)
+    hf = Qwen3RotaryEmbedding(_qwen3_config(head_dim, params))
+    _check_rotary(ours, hf, qwen3_apply_rotary_pos_emb, head_dim, 4, f"llama3 half-split rope d={head_dim}")
 
 
 # ----------------------------------------------------------------------------------------------------------
