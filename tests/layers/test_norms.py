@@ -145,6 +145,9 @@ def test_layernorm_bf16_matches_torch_bf16(rng, use_bias):
 
     Both take statistics and the affine in float32 and cast once, so at most 1 ulp (a reduction-order flip)
     on under 1% of elements; statistics taken in bf16 (mean 3, spread 2 inputs) differ on most elements.
+    Outputs that cancel (`|y| < 2^-10` of the magnitudes summed into them, ~0.5% of elements) are decided by
+    float32 roundoff, where torch's order differs (measured up to 5 ulp of a 1e-6 output, torch the farther
+    from float64); there both must agree within `2^-16` of those magnitudes.
     """
     d = 64
     x = torch.from_numpy(_x(rng, (64, d), 2.0, 3.0)).to(torch.bfloat16)
@@ -162,10 +165,19 @@ def test_layernorm_bf16_matches_torch_bf16(rng, use_bias):
     assert ref.dtype == torch.bfloat16
     ours = ours_mod(jnp.asarray(x.float().numpy(), jnp.bfloat16))
     assert ours.dtype == jnp.bfloat16
-    ulps = _bf16_ulps(np.asarray(ours, np.float32), ref.float().numpy())
-    print(f"bf16 LayerNorm bias={use_bias}: max {ulps.max()} ulp, {np.count_nonzero(ulps)}/{ulps.size} differ")
+    ours, ref = np.asarray(ours, np.float32), ref.float().numpy()
+    x64, w64 = x.double().numpy(), w.double().numpy()
+    b64 = b.double().numpy() if use_bias else 0.0
+    mean = x64.mean(-1, keepdims=True)
+    rstd = 1 / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
+    magnitude = (np.abs(x64) + np.abs(mean)) * rstd * np.abs(w64) + np.abs(b64)
+    well = np.abs((x64 - mean) * rstd * w64 + b64) >= 2.0**-10 * magnitude
+    ulps = _bf16_ulps(ours, ref)[well]
+    print(f"bf16 LayerNorm bias={use_bias}: max {ulps.max()} ulp, {np.count_nonzero(ulps)}/{ulps.size} differ; "
+          f"{np.count_nonzero(~well)} cancelling outputs")
     assert ulps.max() <= 1
     assert np.count_nonzero(ulps) <= ulps.size // 100
+    assert np.all(np.abs(ours - ref)[~well] <= 2.0**-16 * magnitude[~well])
 
 
 def test_layernorm_without_affine_matches_torch(rng):
