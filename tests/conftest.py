@@ -31,12 +31,22 @@ def _release_compiled_programs():
 
 
 @pytest.fixture
-def getkey():
-    """A fresh PRNG key per call, different per test."""
-    keys = iter(jax.random.split(jax.random.key(np.random.SeedSequence().entropy % 2**31), 10_000))
+def seed() -> int:
+    """This test's seed: fresh each run, so inputs vary between runs, and printed, so a failure's report
+    ("Captured stdout setup") names it; `EQX_TEST_SEED=<seed>` replays `rng` and `getkey` of that run."""
+    value = int(os.environ.get("EQX_TEST_SEED") or np.random.SeedSequence().entropy % 2**31)
+    print(f"test seed {value} (EQX_TEST_SEED={value} replays it)")
+    return value
+
+
+@pytest.fixture
+def getkey(seed):
+    """A fresh PRNG key per call, from this test's seed."""
+    keys = iter(jax.random.split(jax.random.key(seed), 10_000))
     return lambda: next(keys)
 
 
 @pytest.fixture
-def rng():
-    return np.random.default_rng()
+def rng(seed):
+    """A NumPy generator from this test's seed."""
+    return np.random.default_rng(seed)

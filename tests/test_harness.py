@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import jax.numpy as jnp
 import jaxtyping
@@ -39,3 +40,21 @@ def test_console_script_version():
         [sys.executable, "-m", "eqx_models.cli", "--version"], capture_output=True, text=True, check=True
     )
     assert out.stdout.strip() == f"eqx-models {eqx_models.__version__}"
+
+
+def test_seed_is_printed_and_replayed(pytester, monkeypatch):
+    """A failing test's report names its seed, and `EQX_TEST_SEED` gives the same draws again."""
+    pytester.makeconftest((Path(__file__).parent / "conftest.py").read_text())
+    pytester.makepyfile("""
+        import jax
+
+        def test_draws(rng, getkey):
+            print("draw", rng.integers(2**31), int(jax.random.randint(getkey(), (), 0, 2**30)))
+            assert False
+    """)
+    out = pytester.runpytest_subprocess("-p", "no:cacheprovider").stdout.str()
+    seed = out.split("EQX_TEST_SEED=")[1].split(" ")[0]
+    draw = next(line for line in out.splitlines() if line.startswith("draw "))
+    monkeypatch.setenv("EQX_TEST_SEED", seed)
+    again = pytester.runpytest_subprocess("-p", "no:cacheprovider").stdout.str()
+    assert f"test seed {seed} " in again and draw in again.splitlines()
