@@ -354,7 +354,8 @@ def is_checkpoint_file(name: str) -> bool:
 
 class _SafetensorsReader:
     """Tensors of a checkpoint directory, as transformers finds them: the shards `model.safetensors.index.json`
-    names, else `model.safetensors` (other safetensors files are ignored)."""
+    names, else `model.safetensors` (other safetensors files are ignored). Each file is opened once (its header
+    parsed once, however many tensors it holds) and read tensor by tensor."""
 
     def __init__(self, path: Path):
         index = path / INDEX_FILE
@@ -367,20 +368,20 @@ class _SafetensorsReader:
             files, weight_map = [WEIGHTS_FILE], None
         else:
             raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}")
-        self.location: dict[str, Path] = {}
+        self.location: dict[str, tuple[Path, Any]] = {}  # key -> (file, its open handle)
         for name in files:
             file = path / name
             if not file.exists():
                 raise FileNotFoundError(f"checkpoint shard {file} listed in the index is missing")
             try:
-                with safe_open(file, framework="numpy") as f:
-                    keys = list(f.keys())
+                handle = safe_open(file, framework="numpy")
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
-            for key in keys:
-                self.location[key] = file
+            for key in handle.keys():
+                self.location[key] = (file, handle)
         if weight_map is not None:
-            absent = sorted(k for k, f in weight_map.items() if self.location.get(k) != path / f)
+            absent = sorted(k for k, f in weight_map.items() if k not in self.location
+                            or self.location[k][0] != path / f)
             if absent:
                 raise ValueError(f"tensors listed in the index are not in their shard: {absent[:10]}")
 
@@ -388,12 +389,10 @@ class _SafetensorsReader:
         return set(self.location)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        with safe_open(self.location[key], framework="numpy") as f:
-            return tuple(f.get_slice(key).get_shape())
+        return tuple(self.location[key][1].get_slice(key).get_shape())
 
     def get(self, key: str) -> np.ndarray:
-        with safe_open(self.location[key], framework="numpy") as f:
-            return f.get_tensor(key)
+        return self.location[key][1].get_tensor(key)
 
 
 def _listing(items: list[str], limit: int = 20) -> str:
@@ -468,6 +467,12 @@ class _Tensors:
         return np.asarray(self.tensors[key])
 
 
+def _hf_shape(rule: Rule, leaf_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape of `rule`'s HF tensor for our leaf of `leaf_shape`, found on a broadcast view (nothing
+    allocated)."""
+    return rule.to_hf(np.broadcast_to(np.zeros((), np.int8), leaf_shape)[rule.index]).shape
+
+
 def load_rules(
     skeleton: Any,
     rules: list[Rule],
@@ -479,23 +484,26 @@ def load_rules(
     """`skeleton` (a module of arrays or `jax.ShapeDtypeStruct`s) with every leaf filled through `rules` from
     `tensors` (HF key -> array, or a checkpoint reader, read tensor by tensor), each in its skeleton dtype.
     Strict: missing, unexpected (unless `ignore(key)`) and wrongly shaped tensors, and parameters no rule
-    covers, are all named in one ValueError."""
+    covers, are all named in one ValueError, before any tensor is read. Leaves are assembled one at a time in
+    their own dtype (a bf16 checkpoint loads into bf16 without a float32 copy), so host memory holds one leaf
+    beyond the model."""
     reader = tensors if isinstance(tensors, _SafetensorsReader) else _Tensors(tensors)
     leaves = {jax.tree_util.keystr(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(skeleton)[0]
               if isinstance(leaf, jax.ShapeDtypeStruct) or eqx.is_array(leaf)}
-    buffers = {p: np.zeros(leaf.shape, np.float32) for p, leaf in leaves.items()}
-    covered = {p: np.zeros(leaf.shape, bool) for p, leaf in leaves.items()}
+    by_leaf: dict[str, list[Rule]] = {p: [] for p in leaves}
+    depth = {p: max((len(r.index) for r in rules if r.leaf == p), default=0) for p in leaves}
+    covered = {p: np.zeros(leaf.shape[: depth[p]], bool) for p, leaf in leaves.items()}  # by index prefix
     available = {key for key in reader.keys() if not ignore(key)}
     missing, wrong_shape = [], []
     for rule in rules:
         if rule.hf_key not in available:
             missing.append(rule.hf_key)
             continue
-        expected = rule.to_hf(np.zeros(buffers[rule.leaf][rule.index].shape, np.float32)).shape
+        expected = _hf_shape(rule, leaves[rule.leaf].shape)
         if reader.shape(rule.hf_key) != expected:
             wrong_shape.append(f"{rule.hf_key}: got {reader.shape(rule.hf_key)}, expected {expected}")
             continue
-        buffers[rule.leaf][rule.index] = rule.to_ours(reader.get(rule.hf_key).astype(np.float32))
+        by_leaf[rule.leaf].append(rule)
         covered[rule.leaf][rule.index] = True
     unexpected = sorted(available - {rule.hf_key for rule in rules})
     uncovered = [p for p, c in covered.items() if not c.all()]
@@ -513,7 +521,13 @@ def load_rules(
 
     def fill(path: Any, leaf: Any) -> Any:
         name = jax.tree_util.keystr(path)
-        return jnp.asarray(buffers[name], dtype=leaf.dtype) if name in buffers else leaf
+        if name not in leaves:
+            return leaf
+        buffer = np.empty(leaf.shape, leaf.dtype)
+        for rule in by_leaf[name]:
+            with np.errstate(over="ignore"):  # to inf, as torch's `tensor.to(dtype)` and transformers do
+                buffer[rule.index] = rule.to_ours(reader.get(rule.hf_key))
+        return jnp.asarray(buffer).block_until_ready()  # the transfer done, `buffer` is freed before the next
 
     return jax.tree_util.tree_map_with_path(fill, skeleton)
 
@@ -554,11 +568,11 @@ def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_
         raise ValueError(f"save_pretrained does not support model_type {cfg.model_type!r}")
     rules = MODELS[cfg.model_type][2](cfg, _leaf_paths(model))
     leaves = {
-        jax.tree_util.keystr(p): np.asarray(leaf)
+        jax.tree_util.keystr(p): np.asarray(leaf)  # a view on CPU; one host copy of each leaf on an accelerator
         for p, leaf in jax.tree_util.tree_flatten_with_path(model)[0]
         if eqx.is_array(leaf)
     }
-    tensors = {rule.hf_key: np.ascontiguousarray(rule.to_hf(leaves[rule.leaf][rule.index])) for rule in rules}
+    tensors = {rule.hf_key: _HFTensor(leaves[rule.leaf][rule.index], rule.to_hf) for rule in rules}
 
     out_dir = Path(out_dir).resolve()
     if out_dir.exists() and not out_dir.is_dir():
@@ -593,25 +607,41 @@ def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_
         shutil.rmtree(backup)
 
 
-def _write_shards(tensors: dict[str, np.ndarray], directory: Path, max_shard_bytes: int) -> None:
+class _HFTensor(NamedTuple):
+    """An HF tensor to be written: `to_hf(view)`, made (contiguous) only when its shard is written."""
+
+    view: np.ndarray
+    to_hf: Transform
+
+    @property
+    def nbytes(self) -> int:
+        return self.view.nbytes
+
+    def make(self) -> np.ndarray:
+        return np.ascontiguousarray(self.to_hf(self.view))
+
+
+def _write_shards(tensors: dict[str, _HFTensor], directory: Path, max_shard_bytes: int) -> None:
+    """Writes `tensors` as one file, or as shards of at most `max_shard_bytes` (a larger tensor alone) with an
+    index; each shard's tensors are made only while it is written, so host memory holds one shard at a time."""
     total = sum(t.nbytes for t in tensors.values())
     metadata = {"format": "pt"}
     if total <= max_shard_bytes:
-        save_file(tensors, directory / WEIGHTS_FILE, metadata=metadata)
+        save_file({key: t.make() for key, t in tensors.items()}, directory / WEIGHTS_FILE, metadata=metadata)
         return
-    shards: list[dict[str, np.ndarray]] = [{}]
+    shards: list[list[str]] = [[]]
     size = 0
     for key in sorted(tensors):
         if shards[-1] and size + tensors[key].nbytes > max_shard_bytes:
-            shards.append({})
+            shards.append([])
             size = 0
-        shards[-1][key] = tensors[key]
+        shards[-1].append(key)
         size += tensors[key].nbytes
     width = max(5, int(math.log10(len(shards))) + 1)
     weight_map = {}
-    for i, shard in enumerate(shards, start=1):
+    for i, keys in enumerate(shards, start=1):
         name = f"model-{i:0{width}d}-of-{len(shards):0{width}d}.safetensors"
-        save_file(shard, directory / name, metadata=metadata)
-        weight_map.update(dict.fromkeys(shard, name))
+        save_file({key: tensors[key].make() for key in keys}, directory / name, metadata=metadata)
+        weight_map.update(dict.fromkeys(keys, name))
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")

@@ -3,7 +3,9 @@ and through ourselves (bit-identical), sharding, legacy config keys, dtype, stri
 saves."""
 
 import json
+import math
 import os
+import tracemalloc
 from pathlib import Path
 
 import equinox as eqx
@@ -15,6 +17,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file, save_file
 from safetensors.torch import load_file as load_torch_file
+from safetensors.torch import save_file as save_torch_file
 
 import eqx_models as em
 import eqx_models.hf as hf_io
@@ -170,6 +173,77 @@ def test_from_pretrained_dtype_bfloat16(tmp_path):
     for x, y in zip(jax.tree.leaves(loaded), jax.tree.leaves(model)):
         assert x.dtype == jnp.bfloat16
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y.astype(jnp.bfloat16)))
+
+
+# float32 values at the edges of rounding to bf16 / fp16: halfway cases to even (down and up), just above halfway,
+# subnormals, overflow, signed zero, infinities and nan
+_ROUNDING_PROBES = np.array(
+    [1 + 2**-8, 1 + 3 * 2**-8, -(1 + 2**-8), 1 + 2**-8 + 2**-20, 1 + 2**-11, 1 + 3 * 2**-11, 2.0**-130, -(2.0**-140),
+     2.0**-25, 3 * 2.0**-26, 3.4e38, -3.4e38, 65520.0, 65519.0, -0.0, np.inf, -np.inf, np.nan], np.float32)
+
+
+@pytest.mark.parametrize("stored, target", [("float32", "bfloat16"), ("float16", "bfloat16"),
+                                            ("float16", "float32"), ("bfloat16", "float32"),
+                                            ("float32", "float16")])
+def test_load_converts_dtypes_as_torch_does(saved, stored, target):
+    """A checkpoint stored in one float dtype loads into another bit for bit as torch converts it
+    (`tensor.to(dtype)`): ties to even, subnormals, overflow to inf, signed zero; nan where torch has nan."""
+    path, _ = saved
+    tensors = load_torch_file(path / "model.safetensors")
+    key = "model.embed_tokens.weight"
+    embed = tensors[key].flatten()
+    embed[: len(_ROUNDING_PROBES)] = torch.from_numpy(_ROUNDING_PROBES)
+    tensors[key] = embed.reshape(tensors[key].shape)
+    tensors = {k: t.to(getattr(torch, stored)) for k, t in tensors.items()}
+    save_torch_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    ours = em.from_pretrained(path, dtype=getattr(jnp, target))
+    assert {leaf.dtype for leaf in jax.tree.leaves(ours)} == {jnp.dtype(target)}
+    want = tensors[key].to(getattr(torch, target))
+    bits = {"bfloat16": (torch.int16, np.int16), "float16": (torch.int16, np.int16), "float32": (torch.int32, np.int32)}
+    torch_bits, np_bits = bits[target]
+    got = np.asarray(ours.transformer.embed.embedding)
+    nan = want.isnan().numpy()
+    np.testing.assert_array_equal(np.isnan(got.astype(np.float32)), nan)
+    np.testing.assert_array_equal(got.view(np_bits)[~nan], want.view(torch_bits).numpy()[~nan])
+
+
+def test_loading_holds_one_leaf_beyond_the_model(tmp_path):
+    """Leaves are assembled one at a time in their own dtype: host allocations while a bf16 checkpoint is read
+    into the model peak at its largest leaf plus the tensor being read (+25%), not at float32 copies of the
+    whole model (3.7x this bound before)."""
+    cfg = _cfg(moe=False, vocab_size=8192, hidden_size=64, intermediate_size=96, num_attention_heads=4,
+               head_dim=16, dtype="bfloat16", param_dtype="bfloat16")
+    em.save_pretrained(_random_model(cfg), tmp_path, max_shard_bytes=2**19)
+    skeleton = eqx.filter_eval_shape(em.Qwen3ForCausalLM, cfg, key=jax.random.key(0))
+    rules = hf_io.qwen3_rules(cfg, hf_io._leaf_paths(skeleton))
+    reader = hf_io._SafetensorsReader(tmp_path)
+    largest_leaf = max(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(skeleton))
+    largest_tensor = max(math.prod(reader.shape(key)) * 2 for key in reader.keys())
+    tracemalloc.start()
+    try:
+        hf_io.load_rules(skeleton, rules, reader)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= 1.25 * (largest_leaf + largest_tensor), (peak, largest_leaf, largest_tensor)
+
+
+def test_sharded_save_holds_one_shard_at_a_time(tmp_path):
+    """A sharded save makes each shard's tensors (transposed, contiguous) only while writing that shard: host
+    allocations peak below a third of the model, not at a second copy of it."""
+    cfg = _cfg(moe=False, vocab_size=512, hidden_size=64, intermediate_size=256, num_hidden_layers=8,
+               num_attention_heads=4, head_dim=16, dtype="bfloat16", param_dtype="bfloat16")
+    model = _random_model(cfg)
+    size = sum(leaf.nbytes for leaf in jax.tree.leaves(model))
+    tracemalloc.start()
+    try:
+        em.save_pretrained(model, tmp_path, max_shard_bytes=size // 16)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(json.loads((tmp_path / "model.safetensors.index.json").read_text())["weight_map"]) > 0
+    assert peak < size / 3, (peak, size)
+    _assert_same_params(em.from_pretrained(tmp_path), model)
 
 
 def test_save_bfloat16_model(tmp_path):
