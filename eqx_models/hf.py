@@ -21,10 +21,12 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 from jax.typing import DTypeLike
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from eqx_models import partitioning
 from eqx_models.config import (
     Qwen3Config,
     Qwen3MoeConfig,
@@ -527,17 +529,22 @@ def load_rules(
         for rule in by_leaf[name]:
             with np.errstate(over="ignore"):  # to inf, as torch's `tensor.to(dtype)` and transformers do
                 buffer[rule.index] = rule.to_ours(reader.get(rule.hf_key))
-        return jnp.asarray(buffer).block_until_ready()  # the transfer done, `buffer` is freed before the next
+        # placed as the skeleton leaf says (a `partitioning.shard`ed skeleton: each device gets its shards), and
+        # the transfer finished, so `buffer` is freed before the next leaf's
+        return jax.device_put(buffer, getattr(leaf, "sharding", None)).block_until_ready()
 
     return jax.tree_util.tree_map_with_path(fill, skeleton)
 
 
-def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, **config_overrides: Any) -> eqx.Module:
+def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, mesh: Mesh | None = None,
+                    rules: partitioning.Rules | None = None, **config_overrides: Any) -> eqx.Module:
     """Loads an HF checkpoint directory (config.json + safetensors); the class follows `model_type`.
 
     `dtype` sets both the parameter and compute dtype (default: the checkpoint's `dtype`, as transformers does,
-    else float32); other keyword arguments override config fields (e.g. `remat_policy="full"`). No network
-    access.
+    else float32); other keyword arguments override config fields (e.g. `remat_policy="full"`). With `mesh`,
+    each parameter is placed on it as it is read, by `partitioning.shard`'s `rules` (default
+    `partitioning.DEFAULT_RULES`), so a model larger than one device loads; the result equals
+    `partitioning.shard(from_pretrained(path), mesh, rules)`. No network access.
     """
     path = Path(path)
     if not path.is_dir():
@@ -545,14 +552,18 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, **c
     cfg = read_config(path, dtype=dtype, **config_overrides)
     _, model_cls, rules_fn = MODELS[cfg.model_type]
     skeleton = eqx.filter_eval_shape(model_cls, cfg, key=jax.random.key(0))
-    rules = rules_fn(cfg, _leaf_paths(skeleton))
+    if mesh is not None:
+        skeleton = partitioning.shard(skeleton, mesh, rules)
+    elif rules is not None:
+        raise ValueError("from_pretrained(rules=...) places parameters on a mesh: pass mesh= too")
+    tensor_rules = rules_fn(cfg, _leaf_paths(skeleton))
     # a sub-model of a larger checkpoint (the thinker under `thinker.` in a full Qwen3-Omni one): read its
     # tensors under the prefix and ignore the others (talker, code2wav), as transformers does
     prefix = getattr(cfg, "checkpoint_prefix", "")
-    rules = [rule._replace(hf_key=prefix + rule.hf_key) for rule in rules]
+    tensor_rules = [rule._replace(hf_key=prefix + rule.hf_key) for rule in tensor_rules]
     # tensors transformers itself skips on load (Qwen3-Next's `mtp.*` multi-token-prediction head)
     ignored = tuple(prefix + p for p in getattr(cfg, "ignored_on_load", ()))
-    return load_rules(skeleton, rules, _SafetensorsReader(path), source=f"checkpoint {path}",
+    return load_rules(skeleton, tensor_rules, _SafetensorsReader(path), source=f"checkpoint {path}",
                       ignore=lambda key: not key.startswith(prefix) or key.startswith(ignored))
 
 

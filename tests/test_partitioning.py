@@ -419,6 +419,27 @@ def test_shard_abstract_leaves_and_batch():
     assert odd.sharding.spec == P("data", None)
 
 
+@pytest.mark.parametrize("kind", ["moe", "next"])
+def test_from_pretrained_onto_a_mesh(tmp_path, kind):
+    """`from_pretrained(path, mesh=mesh, rules=...)` places each parameter as it is read: the leaves carry the
+    rules' shardings (default rules, and rules that keep `embed` whole) and equal
+    `shard(from_pretrained(path), mesh, rules)` bit for bit; `rules=` without a mesh is an error."""
+    em.save_pretrained(_random_model(kind), tmp_path)
+    mesh = partitioning.make_mesh({"fsdp": 2, "expert": 2, "tensor": 2})
+    unsplit_embed = partitioning.Rules(axes={**partitioning.DEFAULT_RULES.axes, "embed": ()})
+    whole = em.from_pretrained(tmp_path)
+    for rules in (None, unsplit_embed):
+        loaded = em.from_pretrained(tmp_path, mesh=mesh, rules=rules)
+        want = partitioning.shard(whole, mesh, rules)
+        for (path, leaf), (_, ref) in zip(_leaves(loaded), _leaves(want), strict=True):
+            assert leaf.sharding == ref.sharding, path
+            np.testing.assert_array_equal(np.asarray(leaf), np.asarray(ref), err_msg=path)
+    _check_placement(em.from_pretrained(tmp_path, mesh=mesh), mesh, {})
+    assert loaded.transformer.embed.embedding.sharding.spec == P("tensor", None)
+    with pytest.raises(ValueError, match="pass mesh= too"):
+        em.from_pretrained(tmp_path, rules=partitioning.DEFAULT_RULES)
+
+
 @pytest.mark.parametrize("name", sorted(partitioning.PRESETS))
 def test_presets_are_sharded(name):
     """At most 0.1% of a preset model's parameters stay replicated on an fsdp x expert x tensor mesh
