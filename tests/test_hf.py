@@ -209,14 +209,15 @@ def test_load_converts_dtypes_as_torch_does(saved, stored, target):
 
 def test_loading_holds_one_leaf_beyond_the_model(tmp_path):
     """Leaves are assembled one at a time in their own dtype: host allocations while a bf16 checkpoint is read
-    into the model peak at its largest leaf plus the tensor being read (+25%), not at float32 copies of the
-    whole model (3.7x this bound before)."""
+    peak at the model (on CPU, jax may keep a suitably aligned buffer as the array itself) plus its largest leaf
+    and the tensor being read (+25%), not at float32 copies of the whole model (1.8x this bound before)."""
     cfg = _cfg(moe=False, vocab_size=8192, hidden_size=64, intermediate_size=96, num_attention_heads=4,
                head_dim=16, dtype="bfloat16", param_dtype="bfloat16")
     em.save_pretrained(_random_model(cfg), tmp_path, max_shard_bytes=2**19)
     skeleton = eqx.filter_eval_shape(em.Qwen3ForCausalLM, cfg, key=jax.random.key(0))
     rules = hf_io.qwen3_rules(cfg, hf_io._leaf_paths(skeleton))
     reader = hf_io._SafetensorsReader(tmp_path)
+    model = sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(skeleton))
     largest_leaf = max(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(skeleton))
     largest_tensor = max(math.prod(reader.shape(key)) * 2 for key in reader.keys())
     tracemalloc.start()
@@ -225,7 +226,7 @@ def test_loading_holds_one_leaf_beyond_the_model(tmp_path):
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert peak <= 1.25 * (largest_leaf + largest_tensor), (peak, largest_leaf, largest_tensor)
+    assert peak <= model + 1.25 * (largest_leaf + largest_tensor), (peak, model, largest_leaf, largest_tensor)
 
 
 def test_sharded_save_holds_one_shard_at_a_time(tmp_path):
