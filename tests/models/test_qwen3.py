@@ -293,7 +293,6 @@ def test_jaxpr_size_does_not_grow_with_depth():
     assert count(2) == count(8)
 
 
-
 def test_layer_init_memory_does_not_grow_with_depth():
     """The stacked layers are initialised one at a time: the compiled build's temporaries (random bits, float32
     draws) are the same for 2 and 16 layers, below half of the 16 layers' parameters. A vmapped build held them
@@ -308,6 +307,7 @@ def test_layer_init_memory_does_not_grow_with_depth():
 
     (temp_2, _), (temp_16, params_16) = memory(2), memory(16)
     assert temp_16 <= 1.05 * temp_2 and temp_16 < params_16 / 2, (temp_2, temp_16, params_16)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # jit, grad, remat
