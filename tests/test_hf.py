@@ -229,6 +229,51 @@ def test_loading_holds_one_leaf_beyond_the_model(tmp_path):
     assert peak <= model + 1.25 * (largest_leaf + largest_tensor), (peak, model, largest_leaf, largest_tensor)
 
 
+def test_tensors_larger_than_a_tile_round_trip_through_hf(tmp_path):
+    """Tensors of more than one copy tile (256 x 256 elements), with ragged edges, in 2-D (MLP, LM head) and
+    3-D (heads) layouts: ours -> save -> HF gives our logits (1e-5), and HF's own save -> ours gives our
+    parameters bit for bit."""
+    cfg = _cfg(moe=False, vocab_size=520, hidden_size=272, intermediate_size=400, num_attention_heads=4,
+               head_dim=72)
+    model = _random_model(cfg)
+    em.save_pretrained(model, tmp_path / "ours")
+    hf = _hf_load(tmp_path / "ours", moe=False)
+    assert max(p.numel() for p in hf.parameters() if p.ndim == 2 and p.shape[0] < 520) > 256 * 256
+    with torch.no_grad():
+        ref = hf(torch.tensor(IDS)).logits.numpy()
+    assert_close(_logits(model, jnp.asarray(IDS, jnp.int32)), ref, 1e-5, "large tensors ours->HF")
+    hf.save_pretrained(tmp_path / "hf")
+    _assert_same_params(em.from_pretrained(tmp_path / "hf"), model)
+
+
+@pytest.mark.parametrize("case", ["transpose", "heads", "expert", "conv", "bf16->f32", "f32->f16"])
+def test_tiled_copy_equals_numpy_assignment(case):
+    """The loader's and saver's tiled copy writes what `dst[...] = src` writes, for transposed views with ragged
+    tiles, heads split out of a transposed axis, strided destinations, 4-D permutations and casts (overflow to
+    inf included)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((600, 300)).astype(np.float32)
+    dst = np.zeros((300, 600), np.float32)
+    src = x.T
+    if case == "heads":
+        dst, src = np.zeros((300, 4, 150), np.float32), x.T.reshape(300, 4, 150)
+    elif case == "expert":
+        dst = np.zeros((3, 300, 2, 600), np.float32)[1, :, 0]
+    elif case == "conv":
+        src = rng.standard_normal((96, 80, 3, 5)).astype(np.float32).transpose(2, 3, 1, 0)
+        dst = np.zeros(src.shape, np.float32)
+    elif case == "bf16->f32":
+        src = x.astype(jnp.bfloat16).T
+    elif case == "f32->f16":
+        src, dst = (x * 60_000).T, np.zeros((300, 600), np.float16)
+    expected = np.zeros_like(dst)
+    with np.errstate(over="ignore"):
+        expected[...] = src
+        hf_io._assign(dst, src)
+    assert src.size > 256 * 256 and (case != "f32->f16" or np.isinf(expected).any())
+    np.testing.assert_array_equal(dst, expected)
+
+
 def test_sharded_save_holds_one_shard_at_a_time(tmp_path):
     """A sharded save makes each shard's tensors (transposed, contiguous) only while writing that shard: host
     allocations peak below a third of the model, not at a second copy of it."""
