@@ -6,7 +6,7 @@ after a 128-token prompt. Prints each time and the ratio ours / torch (floors: f
 
 The two sides are timed in turn on the same fresh token ids each round, so load from other processes on a
 shared machine falls on both alike. Decode is timed twice on our side: `generate` on the scanned model as built
-(each call first copies the stacked layers into an unrolled layout, `decode_ours`) and on a model unrolled once
+(each call first unrolls the stacked layers, as views of them on CPU, `decode_ours`) and on a model unrolled once
 beforehand (`decode_ours_unrolled`, what a sampling loop or server holds).
 """
 

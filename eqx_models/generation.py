@@ -106,8 +106,9 @@ def generate(
     (`pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, `video_second_per_grid`,
     `input_features`, `feature_attention_mask`, `use_audio_in_video`; see its `prompt_inputs`).
 
-    `unroll_layers` decodes with an unrolled copy of the layers (2.7x faster batch-1 decode on CPU, longer
-    compile). The copy holds the weights a second time during the call; where that does not fit, pass an
+    `unroll_layers` decodes with the layers unrolled (`Transformer.unroll`: 2.7x faster batch-1 decode on CPU,
+    longer compile). On one CPU device the unrolled layers are views of the stacked weights; on an accelerator
+    they are a copy, holding the weights a second time during the call; where that does not fit, pass an
     already unrolled model (`eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())`, no copy)
     or `unroll_layers=False`.
 

@@ -3,6 +3,7 @@ MoE Qwen3, left-padded batch), EOS handling and early exit, sampling filters (`t
 checked exactly or statistically on fixed logits and against HF's logits warpers, one compiled decode loop,
 and input validation."""
 
+import gc
 import inspect
 
 import equinox as eqx
@@ -440,6 +441,31 @@ def test_unrolled_layers_equal_the_scan(tiny, tiny_greedy):
                                   np.asarray(generate(moe, ids, 6)))
     ids, greedy = tiny_greedy
     np.testing.assert_array_equal(np.asarray(generate(tiny, ids, 10, unroll_layers=False)), greedy)
+
+
+def test_unrolled_layers_are_views_of_the_stacked_arrays_on_cpu():
+    """On one CPU device `unroll()` copies nothing: each layer is the stacked array's memory at its offset
+    (wherever that offset is 64-byte aligned, as jax needs to take a host buffer as it is), so `generate` holds
+    the weights once; once the unrolled layers are dropped, the stacked arrays can be donated again."""
+    cfg = em.Qwen3Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64)
+    model = _random_model(cfg, seed=6)
+    stacked = jax.tree.leaves(eqx.filter(model.transformer.blocks, eqx.is_array))
+    unrolled = model.transformer.unroll()
+    layers = [jax.tree.leaves(eqx.filter(block, eqx.is_array)) for block in unrolled.blocks]
+    aligned = 0
+    for i, leaf in enumerate(stacked):
+        size = leaf.nbytes // leaf.shape[0]
+        for r in range(3):
+            np.testing.assert_array_equal(np.asarray(layers[r][i]), np.asarray(leaf)[r])
+            if size % 64 == 0:
+                assert layers[r][i].unsafe_buffer_pointer() == leaf.unsafe_buffer_pointer() + r * size
+                aligned += 1
+    assert aligned >= 3 * (len(stacked) - 2)  # all but the q/k norm scales (32 bytes a layer)
+    del unrolled, layers
+    gc.collect()
+    jax.jit(lambda x: x + 1, donate_argnums=0)(stacked[0])
+    assert stacked[0].is_deleted()
 
 
 def test_quantized_cache_generates_with_int8_keys_and_values(tiny, monkeypatch):
