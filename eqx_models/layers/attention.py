@@ -171,7 +171,10 @@ def dot_product_attention(
         logits = jnp.sum(q[:, 0, None].astype(jnp.float32) * k[:, :, :, None].astype(jnp.float32), axis=-1)
         logits = jnp.moveaxis(logits.astype(q.dtype), 1, -1)[:, :, :, None]
     else:
-        logits = jnp.einsum("btkgd,bskd->bkgts", q, k)
+        # a key/value head's query groups as one block of rows, so each head is one [groups * q, kv] matmul:
+        # XLA's CPU matmul batched over (kv_heads, groups) ran 2.6x slower
+        rows = jnp.moveaxis(q, 1, 3).reshape(batch, kv_heads, groups * q_len, head_dim)
+        logits = jnp.einsum("bkrd,bskd->bkrs", rows, k).reshape(batch, kv_heads, groups, q_len, -1)
     logits = logits.astype(jnp.float32) * scale
     if logits_soft_cap is not None:
         logits = jnp.tanh(logits / logits_soft_cap) * logits_soft_cap
@@ -194,7 +197,9 @@ def dot_product_attention(
         p = jnp.moveaxis(probs[:, :, :, 0].astype(value.dtype), -1, 1)[..., None].astype(jnp.float32)
         out = jnp.sum(p * value[:, :, :, None].astype(jnp.float32), axis=1)[:, None].astype(value.dtype)
     else:
-        out = jnp.einsum("bkgts,bskd->btkgd", probs.astype(value.dtype), value)
+        rows = probs.astype(value.dtype).reshape(batch, kv_heads, groups * q_len, -1)
+        out = jnp.einsum("bkrs,bskd->bkrd", rows, value).reshape(batch, kv_heads, groups, q_len, head_dim)
+        out = jnp.moveaxis(out, 3, 1)
     to_rows = lambda s: jnp.moveaxis(s[..., 0], 3, 1).reshape(batch, q_len, heads)  # noqa: E731
     return out.reshape(batch, q_len, heads, head_dim), (to_rows(row_max), to_rows(row_sum))
 
