@@ -166,14 +166,14 @@ def _split(leaves: list[Array]) -> list[list[Array]]:
     return [list(leaf) for leaf in leaves]
 
 
-def _on_one_cpu(x: Array) -> bool:
-    return (not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) == 1
+def _on_one_cpu(x: Any) -> bool:
+    return (isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer) and len(x.sharding.device_set) == 1
             and next(iter(x.sharding.device_set)).platform == "cpu")
 
 
 def _host_views(stacked: Array) -> list[Array]:
     """`list(stacked)` without copying where jax allows it: `np.asarray` of a CPU array is its own memory, and
-    `device_put` of an aligned view keeps that memory, holding `stacked`'s buffer (which is then never donated)."""
+    `device_put` of an aligned view keeps that memory, holding `stacked`'s buffer (not donated while held)."""
     host = np.asarray(stacked)
     placement = stacked.sharding if stacked.committed else None
     return [jax.device_put(layer, placement) for layer in host]
