@@ -93,7 +93,7 @@ def generate(
     top_p: float | int | None = None,
     eos_token_id: int | list[int] | None = None,
     attention_mask: Int[Array, "batch prompt"] | None = None,
-    unroll_layers: bool = True,
+    unroll_layers: bool | None = None,
     quantized_cache: bool = False,
     **inputs: object,
 ) -> Int[Array, "batch total"]:
@@ -108,9 +108,10 @@ def generate(
 
     `unroll_layers` decodes with the layers unrolled (`Transformer.unroll`: 2.7x faster batch-1 decode on CPU,
     longer compile). On one CPU device the unrolled layers are views of the stacked weights; on an accelerator
-    they are a copy, holding the weights a second time during the call; where that does not fit, pass an
-    already unrolled model (`eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())`, no copy)
-    or `unroll_layers=False`.
+    they are a copy, holding the weights a second time during the call, which the default (`None`) makes only
+    where it fits in each device's free memory beside the KV cache (`True`: always, `False`: never). A model
+    unrolled beforehand (`eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())`) decodes
+    as it is, without a copy.
 
     `quantized_cache` stores the attention keys/values as int8 with a float32 scale per (token, head): about half
     a bf16 cache's memory, at a small cost in accuracy (`KVCache`, `quantize_int8`).
@@ -133,11 +134,39 @@ def generate(
         attention_mask = jnp.ones_like(input_ids)
     eos = () if eos_token_id is None else tuple(jnp.atleast_1d(jnp.asarray(eos_token_id)).tolist())
     key = jax.random.key(0) if key is None else key
-    if unroll_layers:
+    total = input_ids.shape[1] + int(max_new_tokens)
+    if unroll_layers or (unroll_layers is None and _unroll_fits(model, input_ids.shape[0], total, quantized_cache)):
         model = eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())
     return _generate(model, input_ids.astype(jnp.int32), jnp.asarray(attention_mask, jnp.int32), prompt, key,
                      int(max_new_tokens), float(temperature), None if top_k is None else int(top_k), top_p, eos,
                      bool(quantized_cache))
+
+
+def _free_bytes(device: jax.Device) -> int | None:
+    """Bytes free on `device`, or None where it keeps no statistics (the CPU)."""
+    stats = device.memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return None
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def _unroll_fits(model: eqx.Module, batch: int, length: int, quantized: bool) -> bool:
+    """Whether each device holding the stacked layers has room for their unrolled copy (its own shards) beside
+    its share of the KV cache. Devices without statistics (the CPU, where the unrolled layers are views) do, and
+    so does a model traced inside the caller's jit (its devices are unknown here)."""
+    if model.transformer.unrolled:
+        return True
+    copy: dict[jax.Device, int] = {}
+    for leaf in jax.tree.leaves(eqx.filter(model.transformer.blocks, eqx.is_array)):
+        if isinstance(leaf, jax.Array) and not isinstance(leaf, jax.core.Tracer):  # traced: inside the caller's jit
+            for shard in leaf.addressable_shards:
+                copy[shard.device] = copy.get(shard.device, 0) + shard.data.nbytes
+    free = {device: _free_bytes(device) for device in copy}
+    if all(f is None for f in free.values()):
+        return True
+    cache = jax.eval_shape(lambda: model.init_cache(batch, length, quantized=quantized))
+    cache_share = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache)) / len(copy)
+    return all(free[device] is None or need + cache_share <= free[device] for device, need in copy.items())
 
 
 @eqx.filter_jit

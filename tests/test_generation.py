@@ -468,6 +468,25 @@ def test_unrolled_layers_are_views_of_the_stacked_arrays_on_cpu():
     assert stacked[0].is_deleted()
 
 
+def test_generate_unrolls_where_the_copy_fits(tiny, tiny_greedy, monkeypatch):
+    """By default `generate` unrolls the layers only where each device has room for their copy beside the KV
+    cache (to the byte); devices without memory statistics (the CPU, where the layers become views) always do.
+    `unroll_layers=True` / `False` force it. The tokens are the same either way."""
+    ids, greedy = tiny_greedy
+    unrolled = []
+    unroll = em.models.transformer.Transformer.unroll
+    monkeypatch.setattr(em.models.transformer.Transformer, "unroll", lambda self: unrolled.append(1) or unroll(self))
+    copy = sum(leaf.nbytes for leaf in jax.tree.leaves(eqx.filter(tiny.transformer.blocks, eqx.is_array)))
+    cache = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(jax.eval_shape(lambda: tiny.init_cache(2, 17))))
+    cases = [(None, None, True), (copy + cache, None, True), (copy + cache - 1, None, False), (0, True, True),
+             (10**12, False, False)]
+    for free, unroll_layers, unrolls in cases:
+        monkeypatch.setattr(gen, "_free_bytes", lambda device: free)
+        unrolled.clear()
+        np.testing.assert_array_equal(np.asarray(generate(tiny, ids, 10, unroll_layers=unroll_layers)), greedy)
+        assert bool(unrolled) == unrolls, (free, unroll_layers)
+
+
 def test_quantized_cache_generates_with_int8_keys_and_values(tiny, monkeypatch):
     """`quantized_cache=True` builds the int8 cache and decodes from it: the tokens equal a greedy loop written
     out by hand over `init_cache(quantized=True)` (prefill, then one token at a time)."""
