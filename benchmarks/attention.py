@@ -28,7 +28,7 @@ def library_attention(query, key, value, segment_ids):
     scale = query.shape[-1] ** -0.5
     if kernel == "cudnn":
         return cudnn_attention(query, key, value, mask, scale=scale)
-    return dot_product_attention(query, key, value, mask.dense(), scale=scale)[0]
+    return dot_product_attention(query, key, value, mask, scale=scale)[0]
 
 
 def forward_and_backward(fn):

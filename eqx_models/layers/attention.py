@@ -36,6 +36,10 @@ Kernel = Literal["auto", "dot_product", "cudnn"]
 _ATTENTION_TYPES = ("global", "local_sliding", "chunk", "full")
 # MaxText's DEFAULT_MASK_VALUE: finite, so fully masked rows (padding queries) stay NaN-free.
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Causal reference attention runs in query blocks of at least this many queries, at most this many blocks (which
+# bounds the graph at long lengths).
+_QUERY_BLOCK = 256
+_MAX_QUERY_BLOCKS = 16
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -58,6 +62,7 @@ class AttentionMask(eqx.Module):
     `full` everything. Tokens of the same bidirectional
     block (a contiguous run of image tokens) also see each other. `segmented` is False when the caller gave no
     segment ids (every token is real and in one segment), so a kernel may drop the segment mask altogether.
+    `cached` is True when the keys are a cache's slots rather than the queries' own tokens.
     """
 
     q_index: Int[Array, " q"]
@@ -70,6 +75,7 @@ class AttentionMask(eqx.Module):
     sliding_window: int | None = eqx.field(static=True)
     chunk_size: int | None = eqx.field(static=True)
     segmented: bool = eqx.field(static=True, default=True)
+    cached: bool = eqx.field(static=True, default=False)
 
     @classmethod
     def build(
@@ -102,11 +108,12 @@ class AttentionMask(eqx.Module):
         return cls(
             q_index, kv_index, segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
             q_blocks, kv_blocks, attention_type, sliding_window, chunk_size, segmented or cache is not None,
+            cache is not None,
         )
 
-    def dense(self) -> Bool[Array, "batch q kv"]:
-        """The boolean mask `[batch, q, kv]` (True = attend)."""
-        q, kv = self.q_index[:, None], self.kv_index[None, :]
+    def dense(self, queries: slice = slice(None), keys: slice = slice(None)) -> Bool[Array, "batch q kv"]:
+        """The boolean mask `[batch, q, kv]` (True = attend), or its block of rows `queries` and columns `keys`."""
+        q, kv = self.q_index[queries, None], self.kv_index[None, keys]
         allowed = jnp.ones((q.shape[0], kv.shape[1]), bool) if self.attention_type == "full" else kv <= q
         if self.attention_type == "local_sliding":
             allowed = allowed & (kv > q - self.sliding_window)
@@ -116,10 +123,25 @@ class AttentionMask(eqx.Module):
             first = jnp.argmax(self.kv_segment_ids != 0, axis=-1)[:, None, None]
             allowed = allowed & ((q[None] - first) // self.chunk_size == (kv[None] - first) // self.chunk_size)
         if self.q_blocks is not None:
-            same_block = self.q_blocks[:, :, None] == self.kv_blocks[:, None, :]
-            allowed = allowed | (same_block & (self.q_blocks[:, :, None] >= 0))
-        q_seg, kv_seg = self.q_segment_ids[:, :, None], self.kv_segment_ids[:, None, :]
+            q_blocks, kv_blocks = self.q_blocks[:, queries, None], self.kv_blocks[:, None, keys]
+            allowed = allowed | ((q_blocks == kv_blocks) & (q_blocks >= 0))
+        q_seg, kv_seg = self.q_segment_ids[:, queries, None], self.kv_segment_ids[:, None, keys]
         return allowed & (q_seg == kv_seg) & (kv_seg != 0)
+
+    def causal_blocks(self) -> list[tuple[slice, slice]] | None:
+        """Blocks of at least 256 queries (at most 16 blocks), each with the keys it can see: those before its
+        end and, with a window or chunks, after its start minus their size. None where no block can skip keys:
+        a cache's keys, `full` attention, bidirectional blocks, or fewer than 512 queries."""
+        q_len = self.q_index.shape[0]
+        count = min(_MAX_QUERY_BLOCKS, q_len // _QUERY_BLOCK)
+        if self.cached or self.attention_type == "full" or self.q_blocks is not None or count < 2:
+            return None
+        reach = {"local_sliding": self.sliding_window, "chunk": self.chunk_size}.get(self.attention_type)
+        bounds = [i * q_len // count for i in range(count + 1)]
+        return [
+            (slice(start, end), slice(0 if reach is None else max(0, start - reach + 1), end))
+            for start, end in zip(bounds[:-1], bounds[1:])
+        ]
 
 
 def _check_attention_type(attention_type: str, sliding_window: int | None, chunk_size: int | None) -> None:
@@ -139,7 +161,7 @@ def dot_product_attention(
     query: Float[Array, "batch q heads head_dim"],
     key: Float[Array, "batch kv kv_heads head_dim"],
     value: Float[Array, "batch kv kv_heads head_dim"],
-    mask: Bool[Array, "batch q kv"],
+    mask: Bool[Array, "batch q kv"] | AttentionMask,
     *,
     scale: float,
     logits_soft_cap: float | None = None,
@@ -153,11 +175,54 @@ def dot_product_attention(
     Returns the normalised output and the softmax statistics `(max, sum)` of each query row (float32), so
     partial attentions over disjoint key sets can be combined with `merge_attention`. Logits, softmax and the
     statistics are float32; the probabilities are cast back to the value dtype before `probs @ v`, as HF does.
+
+    `mask` is dense, or an `AttentionMask`, which causal attention over 512 or more of the queries' own tokens
+    reads in query blocks (`AttentionMask.causal_blocks`, not with dropout, whose draw covers the whole score
+    matrix): each block multiplies only the keys it can see, about half the work at length. On XLA's CPU backend
+    a Qwen3-0.6B layer's attention goes from 19-21 to 9-10 ms at 512 tokens (the two blocks run side by side) and
+    from 320 to 160 ms at 2048. Rows that see no key at all (padding queries) average the values of their
+    block's keys instead of all values.
     """
-    batch, q_len, heads, head_dim = query.shape
-    kv_heads = key.shape[2]
+    heads, kv_heads = query.shape[2], key.shape[2]
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    if query.shape[1] > 1:
+        key, value = jnp.moveaxis(key, 1, 2), jnp.moveaxis(value, 1, 2)
+    options = dict(scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks, float32_qk_product=float32_qk_product)
+    if isinstance(mask, AttentionMask):
+        blocks = None if dropout_rate > 0.0 else mask.causal_blocks()
+        if blocks is None:
+            mask = mask.dense()
+        else:
+            parts = [
+                _attend(query[:, queries], key[:, :, keys], value[:, :, keys], mask.dense(queries, keys), **options)
+                for queries, keys in blocks
+            ]
+            out = jnp.concatenate([out for out, _ in parts], axis=1)
+            return out, tuple(jnp.concatenate(stat, axis=1) for stat in zip(*(stats for _, stats in parts)))
+    return _attend(query, key, value, mask, **options, dropout_rate=dropout_rate, dropout_key=dropout_key)
+
+
+def _attend(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array,
+    *,
+    scale: float,
+    logits_soft_cap: float | None,
+    sinks: Array | None,
+    float32_qk_product: bool,
+    dropout_rate: float = 0.0,
+    dropout_key: PRNGKeyArray | None = None,
+) -> tuple[Array, tuple[Array, Array]]:
+    """`dot_product_attention` on a dense mask. Keys and values come heads-major, `[batch, kv_heads, kv,
+    head_dim]`, for several queries, so both matmuls read contiguous rows (XLA would otherwise lay the keys out
+    `[head_dim, kv]`, a strided copy), and as stored, `[batch, kv, kv_heads, head_dim]`, for one query (a decode
+    step reads the cache where it lies)."""
+    batch, q_len, heads, head_dim = query.shape
+    decode = q_len == 1
+    kv_heads = key.shape[2] if decode else key.shape[1]
     groups = heads // kv_heads
     # Query head h = j * groups + g reads key/value head j (HF's repeat_kv, i.e. repeat_interleave).
     q = query.reshape(batch, q_len, kv_heads, groups, head_dim)
@@ -166,7 +231,6 @@ def dot_product_attention(
         q, k = q.astype(jnp.float32), k.astype(jnp.float32)
     # One query per row (a decode step): multiply-and-reduce in float32, rounded like the matmul's output, reads
     # the cache where it lies; XLA's batched matmul would first copy the whole cache into a heads-major order.
-    decode = q_len == 1
     if decode:
         logits = jnp.sum(q[:, 0, None].astype(jnp.float32) * k[:, :, :, None].astype(jnp.float32), axis=-1)
         logits = jnp.moveaxis(logits.astype(q.dtype), 1, -1)[:, :, :, None]
@@ -174,7 +238,7 @@ def dot_product_attention(
         # a key/value head's query groups as one block of rows, so each head is one [groups * q, kv] matmul:
         # XLA's CPU matmul batched over (kv_heads, groups) ran 2.6x slower
         rows = jnp.moveaxis(q, 1, 3).reshape(batch, kv_heads, groups * q_len, head_dim)
-        logits = jnp.einsum("bkrd,bskd->bkrs", rows, k).reshape(batch, kv_heads, groups, q_len, -1)
+        logits = jnp.einsum("bkrd,bksd->bkrs", rows, k).reshape(batch, kv_heads, groups, q_len, -1)
     logits = logits.astype(jnp.float32) * scale
     if logits_soft_cap is not None:
         logits = jnp.tanh(logits / logits_soft_cap) * logits_soft_cap
@@ -198,7 +262,7 @@ def dot_product_attention(
         out = jnp.sum(p * value[:, :, :, None].astype(jnp.float32), axis=1)[:, None].astype(value.dtype)
     else:
         rows = probs.astype(value.dtype).reshape(batch, kv_heads, groups * q_len, -1)
-        out = jnp.einsum("bkrs,bskd->bkrd", rows, value).reshape(batch, kv_heads, groups, q_len, head_dim)
+        out = jnp.einsum("bkrs,bksd->bkrd", rows, value).reshape(batch, kv_heads, groups, q_len, head_dim)
         out = jnp.moveaxis(out, 3, 1)
     to_rows = lambda s: jnp.moveaxis(s[..., 0], 3, 1).reshape(batch, q_len, heads)  # noqa: E731
     return out.reshape(batch, q_len, heads, head_dim), (to_rows(row_max), to_rows(row_sum))
@@ -529,7 +593,7 @@ class Attention(eqx.Module):
             attended = cudnn_attention(query, key_, value, mask, scale=scale)
         else:
             attended, _ = dot_product_attention(
-                query, key_, value, mask.dense(), scale=scale, logits_soft_cap=self.logits_soft_cap,
+                query, key_, value, mask, scale=scale, logits_soft_cap=self.logits_soft_cap,
                 sinks=self.sinks, float32_qk_product=self.float32_qk_product,
                 dropout_rate=self.dropout_rate if dropout else 0.0, dropout_key=key,
             )

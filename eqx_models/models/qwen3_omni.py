@@ -100,7 +100,7 @@ def segment_attention(
         chosen = select_kernel(kernel, dtype=q.dtype, head_dim=head_dim, cached=False, mask=mask)
         if chosen == "cudnn":
             return cudnn_attention(q, k, v, mask, scale=scale)
-        return dot_product_attention(q, k, v, mask.dense(), scale=scale)[0]
+        return dot_product_attention(q, k, v, mask, scale=scale)[0]
 
     def is_run(rows: np.ndarray) -> bool:
         return bool(np.array_equal(rows, np.arange(rows[0], rows[0] + rows.size)))

@@ -611,6 +611,95 @@ def test_merge_attention_over_key_halves(rng, masked, with_sinks):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# Query blocks of causal attention
+
+
+def _long_mask(attention_type="global", seq=600, **kwargs):
+    """Two rows: one left-padded by 37, one packing three segments (the last 20 tokens padding)."""
+    segment_ids = np.ones((2, seq), np.int32)
+    segment_ids[0, :37] = 0
+    segment_ids[1, 250:410], segment_ids[1, 410:], segment_ids[1, -20:] = 2, 3, 0
+    return AttentionMask.build(jnp.asarray(segment_ids), attention_type=attention_type, **kwargs), segment_ids
+
+
+_LONG_MASKS = {
+    "global": dict(),
+    "sliding200": dict(attention_type="local_sliding", sliding_window=200),
+    "chunk128": dict(attention_type="chunk", chunk_size=128),
+}
+
+
+@pytest.mark.parametrize("seq", [600, 1100, 4700])
+@pytest.mark.parametrize("kwargs", _LONG_MASKS.values(), ids=_LONG_MASKS.keys())
+def test_causal_blocks_skip_only_invisible_keys(kwargs, seq):
+    """The query blocks partition the queries into 2-16 blocks of at least 256 each, and every key a block
+    skips is masked for all its queries: with left padding, packed segments, a window or chunks counted from the
+    first real token. `dense(queries, keys)` is that block of the dense mask."""
+    mask, _ = _long_mask(seq=seq, **kwargs)
+    dense = np.asarray(mask.dense())
+    blocks = mask.causal_blocks()
+    assert 2 <= len(blocks) <= 16 and min(q.stop - q.start for q, _ in blocks) >= 256
+    assert [q.start for q, _ in blocks] == [0] + [q.stop for q, _ in blocks[:-1]] and blocks[-1][0].stop == seq
+    for queries, keys in blocks:
+        rows = dense[:, queries]
+        assert not rows[:, :, : keys.start].any() and not rows[:, :, keys.stop :].any()
+        np.testing.assert_array_equal(np.asarray(mask.dense(queries, keys)), rows[:, :, keys])
+    if kwargs:
+        assert blocks[-1][1].start > 0, "a window or chunks let the last block skip the first keys"
+
+
+def test_causal_blocks_only_where_keys_can_be_skipped():
+    """No blocks below 512 queries, over a cache's keys, for full attention or bidirectional blocks; at most 16."""
+    ones = lambda n: jnp.ones((1, n), jnp.int32)  # noqa: E731
+    assert AttentionMask.build(ones(511)).causal_blocks() is None
+    assert len(AttentionMask.build(ones(512)).causal_blocks()) == 2
+    assert len(AttentionMask.build(ones(9000)).causal_blocks()) == 16
+    assert AttentionMask.build(ones(600), attention_type="full").causal_blocks() is None
+    images = jnp.zeros((1, 600), bool).at[:, 100:300].set(True)
+    assert AttentionMask.build(ones(600), bidirectional_mask=images).causal_blocks() is None
+    cache = KVCache.init(1, 600, 2, D).update(jnp.zeros((1, 600, 2, D)), jnp.zeros((1, 600, 2, D)), ones(600))
+    assert AttentionMask.build(ones(600), cache=cache).causal_blocks() is None
+
+
+@pytest.mark.parametrize("kwargs", _LONG_MASKS.values(), ids=_LONG_MASKS.keys())
+def test_blocked_attention_matches_float64(rng, kwargs):
+    """`dot_product_attention` on a 600-token `AttentionMask` (two query blocks) vs float64 NumPy attention on
+    the dense mask, 1e-5, on every real token, with soft cap and sinks; the softmax statistics and the gradients
+    of q, k, v equal the unblocked call on the dense mask (1e-5); padding rows stay finite."""
+    mask, segment_ids = _long_mask(**kwargs)
+    q, k, v = _x(rng, (2, 600, 4, 8)), _x(rng, (2, 600, 2, 8)), _x(rng, (2, 600, 2, 8))
+    options = dict(scale=0.35, logits_soft_cap=4.0, sinks=jnp.asarray([0.2, -0.1, 0.0, 0.4]))
+    out, stats = _dpa(q, k, v, mask, **options)
+    real = segment_ids != 0
+    ref = np_attention(q, k, v, np.asarray(mask.dense()), 0.35, soft_cap=4.0, sinks=options["sinks"])
+    assert_close(np.asarray(out)[real], ref[real], 1e-5, f"blocked {kwargs} vs float64")
+    assert np.isfinite(np.asarray(out)).all()
+    dense_out, dense_stats = _dpa(q, k, v, mask.dense(), **options)
+    for ours, unblocked, what in zip(stats, dense_stats, ("row max", "row sum")):
+        assert_close(np.asarray(ours)[real], np.asarray(unblocked)[real], 1e-5, what)
+    cotangent = jnp.asarray(rng.standard_normal(out.shape) * real[:, :, None, None], jnp.float32)
+    grads = [
+        eqx.filter_jit(jax.grad(lambda q, k, v, m: jnp.vdot(_dpa(q, k, v, m, **options)[0], cotangent), (0, 1, 2)))(
+            q, k, v, m)
+        for m in (mask, mask.dense())
+    ]
+    for ours, unblocked, name in zip(*grads, "qkv"):
+        assert_close(ours, unblocked, 1e-5, f"d{name} blocked vs unblocked")
+
+
+def test_layer_attends_in_query_blocks(getkey, rng):
+    """The `Attention` layer at 520 tokens runs two query blocks (its score matmuls are [groups * 260, 260] and
+    [groups * 260, 520]) and equals float64 NumPy attention of its own projections."""
+    layer = _layer(getkey)
+    x = _x(rng, (1, 520, E))
+    jaxpr = jax.make_jaxpr(lambda x: layer(x)[0])(x)
+    widths = {eqn.outvars[0].aval.shape[-2:] for eqn in jaxpr.jaxpr.eqns if eqn.primitive.name == "dot_general"}
+    assert {(2 * 260, 260), (2 * 260, 520)} <= widths and (2 * 520, 520) not in widths
+    y, _ = _apply(layer, x)
+    assert_close(y, np_layer(layer, x, np_causal(1, 520)), 1e-5, "520-token layer vs float64")
+
+
+# ----------------------------------------------------------------------------------------------------------
 # Kernel selection
 
 
