@@ -363,6 +363,15 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+class _Stored(NamedTuple):
+    """Where a checkpoint tensor lies: its file, the file's `safe_open` handle and bytes, and its header entry."""
+
+    file: Path
+    handle: Any
+    data: np.ndarray
+    entry: dict[str, Any]
+
+
 class _SafetensorsReader:
     """Tensors of a checkpoint directory, as transformers finds them: the shards `model.safetensors.index.json`
     names, else `model.safetensors` (other safetensors files are ignored). Each file is checked by `safe_open`
@@ -380,8 +389,7 @@ class _SafetensorsReader:
             files, weight_map = [WEIGHTS_FILE], None
         else:
             raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}")
-        self.location: dict[str, tuple[Path, Any]] = {}  # key -> (file, its open handle)
-        self.header: dict[str, tuple[np.ndarray, dict[str, Any]]] = {}  # key -> (the file's bytes, its entry)
+        self.stored: dict[str, _Stored] = {}
         for name in files:
             file = path / name
             if not file.exists():
@@ -396,26 +404,26 @@ class _SafetensorsReader:
             data = np.memmap(file, np.uint8, mode="r", offset=8 + length) if os.path.getsize(file) > 8 + length \
                 else np.zeros(0, np.uint8)
             for key in handle.keys():
-                self.location[key] = (file, handle)
-                self.header[key] = (data, entries[key])
+                self.stored[key] = _Stored(file, handle, data, entries[key])
         if weight_map is not None:
-            absent = sorted(k for k, f in weight_map.items() if k not in self.location
-                            or self.location[k][0] != path / f)
+            absent = sorted(k for k, f in weight_map.items() if k not in self.stored
+                            or self.stored[k].file != path / f)
             if absent:
                 raise ValueError(f"tensors listed in the index are not in their shard: {absent[:10]}")
 
     def keys(self) -> set[str]:
-        return set(self.location)
+        return set(self.stored)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return tuple(self.header[key][1]["shape"])
+        return tuple(self.stored[key].entry["shape"])
 
     def get(self, key: str) -> np.ndarray:
-        data, entry = self.header[key]
-        if entry["dtype"] not in _SAFETENSORS_DTYPES:  # fp8 and others: safetensors' own copy
-            return self.location[key][1].get_tensor(key)
-        start, end = entry["data_offsets"]
-        return data[start:end].view(_SAFETENSORS_DTYPES[entry["dtype"]]).reshape(entry["shape"])
+        stored = self.stored[key]
+        dtype = _SAFETENSORS_DTYPES.get(stored.entry["dtype"])
+        if dtype is None:  # fp8 and others: safetensors' own copy
+            return stored.handle.get_tensor(key)
+        start, end = stored.entry["data_offsets"]
+        return stored.data[start:end].view(dtype).reshape(stored.entry["shape"])
 
 
 def _listing(items: list[str], limit: int = 20) -> str:
