@@ -160,9 +160,11 @@ def _nudge_hf(module):
     "num_kv_heads,bias", [(4, False), (2, False), (1, False), (2, True)], ids=["mha", "gqa2", "mqa", "gqa2_bias"]
 )
 @pytest.mark.parametrize("padded", [False, True], ids=["causal", "left_padded"])
-def test_matches_hf_qwen3_attention(getkey, rng, num_kv_heads, bias, padded):
+@pytest.mark.parametrize("seq", [9, 600], ids=["short", "query_blocks"])
+def test_matches_hf_qwen3_attention(getkey, rng, num_kv_heads, bias, padded, seq):
     """vs HF `Qwen3Attention` (eager): q/k RMSNorm, RoPE theta 1e6, head_dim 24 != hidden / heads,
-    optionally `attention_bias` (random biases on q/k/v/o)."""
+    optionally `attention_bias` (random biases on q/k/v/o); at 600 tokens our reference kernel runs two query
+    blocks."""
     torch.manual_seed(int(rng.integers(2**31)))
     cfg = Qwen3Config(
         vocab_size=256, hidden_size=E, intermediate_size=128, num_hidden_layers=1, num_attention_heads=H,
@@ -175,7 +177,7 @@ def test_matches_hf_qwen3_attention(getkey, rng, num_kv_heads, bias, padded):
         for name, p in hf.named_parameters():
             if name.endswith("bias"):
                 p.copy_(0.5 * torch.randn_like(p))
-    batch, seq = 2, 9
+    batch = 2
     pads = np.array([3, 0] if padded else [0, 0])
     positions = np.maximum(np.arange(seq)[None] - pads[:, None], 0)
     x = rng.standard_normal((batch, seq, E)).astype(np.float32)
@@ -185,10 +187,11 @@ def test_matches_hf_qwen3_attention(getkey, rng, num_kv_heads, bias, padded):
     ours = Attention(E, H, num_kv_heads, 24, rope_theta=1e6, use_qk_norm=True, use_bias=bias, key=getkey())
     ours = _from_hf(ours, hf)
     segment_ids = jnp.asarray(np.arange(seq)[None] >= pads[:, None], jnp.int32)
+    assert (AttentionMask.build(segment_ids).causal_blocks() is not None) == (seq >= 512)
     y, _ = _apply(ours, jnp.asarray(x), jnp.asarray(positions, jnp.int32), segment_ids=segment_ids)
     real = np.arange(seq)[None] >= pads[:, None]
     assert np.all(np.isfinite(np.asarray(y))), "fully masked padding rows must stay finite"
-    what = f"Qwen3Attention kv_heads={num_kv_heads} bias={bias} padded={padded}"
+    what = f"Qwen3Attention kv_heads={num_kv_heads} bias={bias} padded={padded} seq={seq}"
     assert_close(np.asarray(y)[real], ref[real], 1e-5, what)
 
 
