@@ -186,6 +186,10 @@ def dot_product_attention(
     heads, kv_heads = query.shape[2], key.shape[2]
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
+    lengths = (query.shape[1], key.shape[1])
+    if isinstance(mask, AttentionMask) and (mask.q_index.shape[0], mask.kv_index.shape[0]) != lengths:
+        raise ValueError(f"mask is for (queries, keys) = {(mask.q_index.shape[0], mask.kv_index.shape[0])}, "
+                         f"attention has {lengths}")
     if query.shape[1] > 1:
         key, value = jnp.moveaxis(key, 1, 2), jnp.moveaxis(value, 1, 2)
     options = dict(scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks, float32_qk_product=float32_qk_product)

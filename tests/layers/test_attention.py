@@ -870,6 +870,14 @@ def test_positions_shape_mismatch_raises(getkey):
         raw(layer, x, bidirectional_mask=bad.astype(bool))
 
 
+def test_attention_mask_of_other_lengths_raises():
+    """An `AttentionMask` built for other lengths than the queries and keys is named, not sliced into blocks."""
+    q, kv = jnp.zeros((1, 520, 4, 8)), jnp.zeros((1, 520, 2, 8))
+    mask = AttentionMask.build(jnp.ones((1, 600), jnp.int32))
+    with pytest.raises(ValueError, match=r"mask is for \(queries, keys\) = \(600, 600\), attention has \(520, 520\)"):
+        dot_product_attention(q, kv, kv, mask, scale=1.0)
+
+
 def test_cache_overflow_raises_eagerly_and_under_jit(getkey, rng):
     """Writing past max_length raises "KV cache is full" eagerly; under filter_jit the result raises on use."""
     layer = _layer(getkey)
