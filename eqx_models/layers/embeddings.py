@@ -19,6 +19,8 @@ import numpy as np
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, Int, PRNGKeyArray, Real, Shaped
 
+from eqx_models.layers.linear import scaled_normal
+
 # ----------------------------------------------------------------------------------------------------------
 # Layout helpers and the shared rotation
 
@@ -211,8 +213,8 @@ class Embed(eqx.Module):
         self.num_embeddings, self.num_features = num_embeddings, num_features
         self.use_iota_embed, self.dtype = use_iota_embed, jnp.dtype(dtype)
         # MaxText's default_embed_init: variance scaling 1.0, fan_in = embed.
-        std = 1.0 / math.sqrt(num_features)
-        self.embedding = std * jax.random.normal(key, (num_embeddings, num_features), param_dtype)
+        shape, std = (num_embeddings, num_features), 1.0 / math.sqrt(num_features)
+        self.embedding = scaled_normal(key, shape, jnp.dtype(param_dtype), std, False)
 
     def __call__(self, ids: Shaped[Array, "*batch"]) -> Float[Array, "*batch embed"]:
         """Integer ids of any shape -> `[..., embed]` in `dtype`. The rows are gathered in `param_dtype` and then
@@ -801,7 +803,7 @@ class Qwen3OmniMoeVisionPosEmbedInterpolate(eqx.Module):
             raise ValueError(f"num_position_embeddings must be a perfect square, got {num_position_embeddings}")
         self.num_position_embeddings, self.hidden_size = num_position_embeddings, hidden_size
         self.spatial_merge_size, self.dtype = spatial_merge_size, jnp.dtype(dtype)
-        self.pos_embed = jax.random.normal(key, (num_position_embeddings, hidden_size), param_dtype)
+        self.pos_embed = scaled_normal(key, (num_position_embeddings, hidden_size), jnp.dtype(param_dtype), 1.0, False)
 
     @property
     def side(self) -> int:

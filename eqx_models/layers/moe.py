@@ -44,7 +44,7 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
 
 from eqx_models.layers.grouped_matmul import grouped_matmul, grouped_matmul_tiles_fit
-from eqx_models.layers.linear import Linear
+from eqx_models.layers.linear import Linear, scaled_normal
 from eqx_models.layers.mlp import get_activation
 
 
@@ -223,9 +223,9 @@ class RoutedMoE(eqx.Module):
         k_gate, k_wi, k_wo = jax.random.split(key, 3)
         self.gate = Linear(embed_dim, num_experts, dtype=dtype, param_dtype=param_dtype, key=k_gate)
         wi_shape = (num_experts, embed_dim, len(self.activations), mlp_dim)
-        self.wi = jax.random.truncated_normal(k_wi, -2, 2, wi_shape, param_dtype) / (0.8796 * math.sqrt(embed_dim))
+        self.wi = scaled_normal(k_wi, wi_shape, jnp.dtype(param_dtype), 1 / math.sqrt(embed_dim), True)
         wo_shape = (num_experts, mlp_dim, embed_dim)
-        self.wo = jax.random.truncated_normal(k_wo, -2, 2, wo_shape, param_dtype) / (0.8796 * math.sqrt(mlp_dim))
+        self.wo = scaled_normal(k_wo, wo_shape, jnp.dtype(param_dtype), 1 / math.sqrt(mlp_dim), True)
 
     def _expert_mlp(self, x: Float[Array, "experts capacity embed"]) -> Float[Array, "experts capacity embed"]:
         return expert_mlp(x, self.wi, self.wo, self.activations, self.dtype)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from eqx_models.layers import Linear
+from eqx_models.layers.linear import scaled_normal
 from tests.reference import assert_close
 
 IN_OUT = [((64,), (4, 16)), ((4, 16), (64,)), ((2, 3), (5, 7))]
@@ -138,6 +139,27 @@ def test_init_statistics(getkey, in_f, out_f):
     assert np.abs(kernel).max() <= 2.0 * std / 0.87962566 * (1 + 1e-6)
     k2 = np.asarray(Linear(in_f, out_f, key=getkey()).kernel)
     assert not np.array_equal(kernel, k2), "different keys gave the same kernel"
+
+
+@pytest.mark.parametrize("truncated", [False, True])
+def test_scaled_normal_in_blocks(getkey, truncated):
+    """Above 8M values the draw runs in blocks, each from its own key: same statistics as one draw, no block a
+    copy of another, the same values for the same key; small arrays are one plain draw."""
+    key, std, shape = getkey(), 0.05, (3, 1024, 4096)  # 12.6M values: two blocks
+    x = np.asarray(scaled_normal(key, shape, jnp.dtype(jnp.float32), std, truncated), np.float64)
+    assert x.shape == shape
+    assert "scan" in str(jax.make_jaxpr(lambda k: scaled_normal(k, shape, jnp.dtype(jnp.float32), std, truncated))(key))
+    assert abs(x.std() / std - 1.0) < 0.005 and abs(x.mean()) < 0.005 * std
+    assert (np.abs(x).max() <= 2.0 * std / 0.87962566 * (1 + 1e-6)) == truncated
+    halves = x.reshape(2, -1)
+    assert np.corrcoef(halves[0], halves[1])[0, 1] < 0.01
+    np.testing.assert_array_equal(x, scaled_normal(key, shape, jnp.dtype(jnp.float32), std, truncated))
+    small = scaled_normal(key, (64, 32), jnp.dtype(jnp.bfloat16), std, truncated)
+    bf16 = jnp.bfloat16
+    plain = (jax.random.truncated_normal(key, -2.0, 2.0, (64, 32), bf16) / 0.87962566 if truncated
+             else jax.random.normal(key, (64, 32), bf16))
+    assert small.dtype == bf16
+    np.testing.assert_allclose(np.asarray(small, np.float32), std * np.asarray(plain, np.float32), rtol=1e-2)
 
 
 @pytest.mark.parametrize(
