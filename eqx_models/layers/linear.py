@@ -31,9 +31,9 @@ _DRAW_BLOCK = 1 << 22  # values drawn at a time by `scaled_normal`
 def scaled_normal(key: PRNGKeyArray, shape: tuple[int, ...], dtype: DTypeLike, std: float,
                   truncated: bool) -> Array:
     """A normal draw with standard deviation `std`; `truncated` cuts it at two deviations (rescaled so `std`
-    still holds). Arrays of 8M values or more are drawn in blocks of 4M-8M, one key each: XLA's threefry holds about
-    three times its output in temporaries, 2 GB for Qwen3-0.6B's embedding table drawn whole, and runs
-    faster on blocks that stay in cache."""
+    still holds). Arrays of 8M values or more are drawn in blocks of at least 4M, one key each: XLA's threefry holds
+    about three times its output in temporaries (2 GB for Qwen3-0.6B's embedding table drawn whole), and
+    blocks that stay in cache draw faster."""
     size = math.prod(shape)
     blocks = math.gcd(size, 1 << max(0, (size // _DRAW_BLOCK).bit_length() - 1))
 
