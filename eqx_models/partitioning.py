@@ -283,7 +283,10 @@ def _leaf_spec(path: Sequence[Any], leaf: Any, mesh: AnyMesh, rules: Rules) -> P
     try:
         return spec_for(names, leaf.shape, mesh, rules)
     except ValueError as e:
-        raise ValueError(f"rule {pattern!r} does not fit {path_str(path)}: {e}") from None
+        raise ValueError(
+            f"rule {pattern!r} does not fit {path_str(path)}: {e}. An optimizer statistic shaped unlike its "
+            "parameter (Adafactor's factored moments) is placed by `shard(state, mesh, params=model)`"
+        ) from None
 
 
 def partition_specs(tree: T, mesh: AnyMesh, rules: Rules | None = None) -> T:
@@ -295,7 +298,7 @@ def partition_specs(tree: T, mesh: AnyMesh, rules: Rules | None = None) -> T:
     )
 
 
-def shard(tree: T, mesh: Mesh, rules: Rules | None = None) -> T:
+def shard(tree: T, mesh: Mesh, rules: Rules | None = None, *, params: Any = None) -> T:
     """`tree` (a model, an optimizer state, any pytree of arrays) with every array placed on `mesh` by `rules`
     (default `DEFAULT_RULES`). `ShapeDtypeStruct` leaves get the sharding attached instead, so an abstract
     model from `eqx.filter_eval_shape` becomes the target of a sharded checkpoint restore, allocating nothing.
@@ -306,15 +309,32 @@ def shard(tree: T, mesh: Mesh, rules: Rules | None = None) -> T:
     step that donates the result (`make_train_step`) also invalidates those leaves of `tree`.
 
     Optimizer states are placed by the same rules, matched by the parameter path their leaves end with: right
-    for states shaped like their parameters (Adam's moments, momentum). Factored states (Adafactor's row and
-    column statistics) are not: initialise those from the sharded parameters under `jax.jit` instead, which
-    lays them out from the parameters' shardings."""
+    for states shaped like their parameters (Adam's moments, momentum). Statistics shaped otherwise need
+    `params`, the model or its parameters: a leaf that ends with a parameter's path and has its shape less one
+    dimension (Adafactor's factored row and column moments) is split like the parameter's other dimensions, as
+    a training step's output would be; any other shape (optax's `(1,)` placeholders) is replicated. Without
+    `params` such a leaf gets its parameter's rule, and one with fewer dimensions than the rule names raises."""
     rules = DEFAULT_RULES if rules is None else rules
+    like = {} if params is None else {
+        path_str(path): (path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params) if _is_array(leaf)
+    }
+
+    def spec(path, leaf) -> P:
+        parts = path_str(path).split("/")
+        param = next((like[s] for s in ("/".join(parts[i:]) for i in range(len(parts))) if s in like), None)
+        if param is None or tuple(param[1].shape) == tuple(leaf.shape):
+            return _leaf_spec(path, leaf, mesh, rules)
+        shape = tuple(param[1].shape)
+        for dropped in range(len(shape)):
+            if shape[:dropped] + shape[dropped + 1 :] == tuple(leaf.shape):
+                full = _leaf_spec(*param, mesh, rules)
+                return P(*(entry for i, entry in enumerate(full) if i != dropped))
+        return P()
 
     def place(path, leaf):
         if not _is_array(leaf):
             return leaf
-        sharding = NamedSharding(mesh, _leaf_spec(path, leaf, mesh, rules))
+        sharding = NamedSharding(mesh, spec(path, leaf))
         if isinstance(leaf, jax.ShapeDtypeStruct):
             return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
         return jax.device_put(leaf, sharding)

@@ -248,6 +248,51 @@ def test_sharded_training_step(case, models, references):
 
 
 @pytest.mark.slow
+def test_adafactor_state_placed_with_params():
+    """Adafactor's factored moments (the squared gradient's row and column means) are shaped unlike their
+    parameters: `shard` without `params` refuses the ones their rule cannot fit, naming `params=`; with it,
+    moments shaped like their parameter are placed like it, factored ones split like the dimensions they keep,
+    and `(1,)` placeholders replicated. A sharded step then gives the unsharded loss and parameters (but where
+    a gradient's sign is decided by rounding: Adafactor's first update is about sign(g)), and returns every
+    leaf as it was placed (so the next step does not compile again)."""
+    mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    # factored: the embedding and MLP kernels; not: attention kernels (second-largest dimension 8)
+    optimizer = _standard_promotion(optax.adafactor(1e-2, min_dim_size_to_factor=16))
+    model = partitioning.shard(_random_model("dense", seed=4), mesh)
+    params = eqx.filter(model, eqx.is_inexact_array)
+    with pytest.raises(ValueError, match=r"0/v_row/transformer/embed/embedding.*params=model"):
+        partitioning.shard(optimizer.init(params), mesh)
+    opt_state = partitioning.shard(optimizer.init(params), mesh, params=model)
+    placed = dict(_leaves(model))
+    shaped_like, factored = 0, 0
+    for path, leaf in _leaves(opt_state):
+        param = next((placed[p] for p in placed if path.endswith("/" + p)), None)
+        if param is not None and param.shape == leaf.shape:
+            assert leaf.sharding.is_equivalent_to(param.sharding, leaf.ndim), path
+            shaped_like += not param.sharding.is_fully_replicated
+        elif leaf.size > 1:
+            assert param is not None and leaf.ndim == param.ndim - 1, path
+            factored += not leaf.sharding.is_fully_replicated
+        else:
+            assert leaf.sharding.is_fully_replicated, path
+    assert shaped_like >= 4 and factored >= 5, (shaped_like, factored)  # q, k, v, o; embedding, wi, wo
+    shardings = [(p, leaf.sharding) for p, leaf in _leaves((model, opt_state))]
+
+    plain = _random_model("dense", seed=4)
+    plain, _, ref = make_train_step(optimizer)(plain, optimizer.init(eqx.filter(plain, eqx.is_inexact_array)),
+                                               _batch(), jax.random.key(0))
+    step = make_train_step(optimizer, loss_fn=partitioning.sharded_loss(mesh))
+    model, opt_state, metrics = step(model, opt_state, partitioning.shard_batch(_batch(), mesh), jax.random.key(0))
+    assert_close(metrics["loss"], ref["loss"], 1e-6, "adafactor sharded loss")
+    start = _random_model("dense", seed=4)
+    for (path, a), (_, b), (_, a0) in zip(_leaves(model), _leaves(plain), _leaves(start), strict=True):
+        a, b, update = np.asarray(a), np.asarray(b), np.abs(np.asarray(b) - np.asarray(a0)).max()
+        assert np.mean(np.abs(a - b) > 1e-4 * update + 1e-7) < 1e-3, path
+    for (path, before), (_, leaf) in zip(shardings, _leaves((model, opt_state)), strict=True):
+        assert leaf.sharding.is_equivalent_to(before, leaf.ndim), f"{path}: {before} -> {leaf.sharding}"
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_generate_on_a_sharded_model(kind):
     """`generate` on a model placed by `shard` (data x fsdp x tensor) gives the unsharded greedy tokens (a
