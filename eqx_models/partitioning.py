@@ -289,13 +289,34 @@ def _leaf_spec(path: Sequence[Any], leaf: Any, mesh: AnyMesh, rules: Rules) -> P
         ) from None
 
 
-def partition_specs(tree: T, mesh: AnyMesh, rules: Rules | None = None) -> T:
-    """`tree` with each array leaf (or `ShapeDtypeStruct`) replaced by its `PartitionSpec`; other leaves kept.
-    `mesh` may be an `AbstractMesh`: only the axis sizes matter."""
+def _spec_fn(mesh: AnyMesh, rules: Rules | None, params: Any) -> Callable[[Sequence[Any], Any], P]:
+    """`(path, leaf) -> PartitionSpec` by `rules`, and by the parameters in `params` for leaves (optimizer
+    statistics) that end with a parameter's path but not its shape (see `shard`)."""
     rules = DEFAULT_RULES if rules is None else rules
-    return jax.tree_util.tree_map_with_path(
-        lambda path, leaf: _leaf_spec(path, leaf, mesh, rules) if _is_array(leaf) else leaf, tree
-    )
+    like = {} if params is None else {
+        path_str(path): (path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params) if _is_array(leaf)
+    }
+
+    def spec(path: Sequence[Any], leaf: Any) -> P:
+        parts = path_str(path).split("/")
+        param = next((like[s] for s in ("/".join(parts[i:]) for i in range(len(parts))) if s in like), None)
+        if param is None or tuple(param[1].shape) == tuple(leaf.shape):
+            return _leaf_spec(path, leaf, mesh, rules)
+        shape = tuple(param[1].shape)
+        for dropped in range(len(shape)):
+            if shape[:dropped] + shape[dropped + 1 :] == tuple(leaf.shape):
+                full = _leaf_spec(*param, mesh, rules)
+                return P(*(entry for i, entry in enumerate(full) if i != dropped))
+        return P()
+
+    return spec
+
+
+def partition_specs(tree: T, mesh: AnyMesh, rules: Rules | None = None, *, params: Any = None) -> T:
+    """`tree` with each array leaf (or `ShapeDtypeStruct`) replaced by its `PartitionSpec`; other leaves kept.
+    `mesh` may be an `AbstractMesh`: only the axis sizes matter. `params` as for `shard`."""
+    spec = _spec_fn(mesh, rules, params)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: spec(path, leaf) if _is_array(leaf) else leaf, tree)
 
 
 def shard(tree: T, mesh: Mesh, rules: Rules | None = None, *, params: Any = None) -> T:
@@ -314,22 +335,7 @@ def shard(tree: T, mesh: Mesh, rules: Rules | None = None, *, params: Any = None
     dimension (Adafactor's factored row and column moments) is split like the parameter's other dimensions, as
     a training step's output would be; any other shape (optax's `(1,)` placeholders) is replicated. Without
     `params` such a leaf gets its parameter's rule, and one with fewer dimensions than the rule names raises."""
-    rules = DEFAULT_RULES if rules is None else rules
-    like = {} if params is None else {
-        path_str(path): (path, leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params) if _is_array(leaf)
-    }
-
-    def spec(path, leaf) -> P:
-        parts = path_str(path).split("/")
-        param = next((like[s] for s in ("/".join(parts[i:]) for i in range(len(parts))) if s in like), None)
-        if param is None or tuple(param[1].shape) == tuple(leaf.shape):
-            return _leaf_spec(path, leaf, mesh, rules)
-        shape = tuple(param[1].shape)
-        for dropped in range(len(shape)):
-            if shape[:dropped] + shape[dropped + 1 :] == tuple(leaf.shape):
-                full = _leaf_spec(*param, mesh, rules)
-                return P(*(entry for i, entry in enumerate(full) if i != dropped))
-        return P()
+    spec = _spec_fn(mesh, rules, params)
 
     def place(path, leaf):
         if not _is_array(leaf):

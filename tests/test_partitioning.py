@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import AbstractMesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 import eqx_models as em
 from eqx_models import partitioning
@@ -276,6 +276,9 @@ def test_adafactor_state_placed_with_params():
         else:
             assert leaf.sharding.is_fully_replicated, path
     assert shaped_like >= 4 and factored >= 5, (shaped_like, factored)  # q, k, v, o; embedding, wi, wo
+    specs = partitioning.partition_specs(jax.eval_shape(optimizer.init, params), mesh, params=model)
+    for (path, spec), (_, leaf) in zip(_leaves(specs), _leaves(opt_state), strict=True):
+        assert NamedSharding(mesh, spec).is_equivalent_to(leaf.sharding, leaf.ndim), path
     shardings = [(p, leaf.sharding) for p, leaf in _leaves((model, opt_state))]
 
     plain = _random_model("dense", seed=4)
