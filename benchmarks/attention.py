@@ -24,7 +24,7 @@ def library_attention(query, key, value, segment_ids):
     """The kernel `Attention` runs for a causal mask without cache, chosen the way it chooses; unsegmented, as a
     batch without `segment_ids` is (so cuDNN gets no dense bias)."""
     mask = AttentionMask.build(segment_ids, segmented=False)
-    kernel = select_kernel("auto", dtype=query.dtype, head_dim=query.shape[-1], cached=False, mask=mask)
+    kernel = select_kernel("auto", dtype=query.dtype, head_dim=query.shape[-1], mask=mask)
     scale = query.shape[-1] ** -0.5
     if kernel == "cudnn":
         return cudnn_attention(query, key, value, mask, scale=scale)
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
     env = common.jax_environment()
     key = jax.random.key(args.seed)
     segment_ids = jnp.ones((batch, seq), jnp.int32)
-    kernel = select_kernel("auto", dtype=dtype, head_dim=head_dim, cached=False,
-                           mask=AttentionMask.build(segment_ids, segmented=False))
+    mask = AttentionMask.build(segment_ids, segmented=False)
+    kernel = select_kernel("auto", dtype=dtype, head_dim=head_dim, mask=mask)
     anchor = "cudnn" if env["platform"] == "gpu" else "xla"
     config = {"batch": batch, "seq": seq, "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim,
               "dtype": args.dtype, "causal": True}

@@ -301,7 +301,6 @@ def select_kernel(
     *,
     dtype: DTypeLike,
     head_dim: int,
-    cached: bool,
     mask: AttentionMask,
     logits_soft_cap: float | None = None,
     sinks: bool = False,
@@ -320,7 +319,7 @@ def select_kernel(
         jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
         and head_dim % 8 == 0
         and head_dim <= max_head_dim
-        and not cached
+        and not mask.cached
         and not (mask.segmented and (mask.q_index.shape[0] % 2 or mask.kv_index.shape[0] % 2))
         and mask.attention_type in ("global", "local_sliding", "full")
         and mask.q_blocks is None
@@ -589,7 +588,7 @@ class Attention(eqx.Module):
         )
         dropout = self.dropout_rate > 0.0 and not inference
         kernel = select_kernel(
-            self.attention_kernel, dtype=self.dtype, head_dim=self.head_dim, cached=reads_cache, mask=mask,
+            self.attention_kernel, dtype=self.dtype, head_dim=self.head_dim, mask=mask,
             logits_soft_cap=self.logits_soft_cap, sinks=self.sinks is not None, dropout=dropout,
             float32_qk_product=self.float32_qk_product,
         )

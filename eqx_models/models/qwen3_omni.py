@@ -97,7 +97,7 @@ def segment_attention(
 
     def attend(q: Array, k: Array, v: Array) -> Array:
         mask = AttentionMask.build(jnp.ones(q.shape[:2], jnp.int32), attention_type="full", segmented=False)
-        chosen = select_kernel(kernel, dtype=q.dtype, head_dim=head_dim, cached=False, mask=mask)
+        chosen = select_kernel(kernel, dtype=q.dtype, head_dim=head_dim, mask=mask)
         if chosen == "cudnn":
             return cudnn_attention(q, k, v, mask, scale=scale)
         return dot_product_attention(q, k, v, mask, scale=scale)[0]

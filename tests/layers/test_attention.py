@@ -710,14 +710,17 @@ def test_select_kernel():
     """auto -> dot_product on CPU; cudnn on GPU for bf16 causal uncached; dot_product for any unsupported feature;
     an explicit cudnn request on CPU names the backend."""
     causal = AttentionMask.build(jnp.ones((1, 4), jnp.int32))
-    common = dict(dtype=jnp.bfloat16, head_dim=64, cached=False, mask=causal)
+    common = dict(dtype=jnp.bfloat16, head_dim=64, mask=causal)
     assert jax.default_backend() == "cpu"
     assert select_kernel("auto", **common) == "dot_product"
     assert select_kernel("auto", **common, backend="gpu") == "cudnn"
     blocks = AttentionMask.build(jnp.ones((1, 4), jnp.int32), bidirectional_mask=jnp.asarray([[0, 1, 1, 0]], bool))
     chunk = AttentionMask.build(jnp.ones((1, 4), jnp.int32), attention_type="chunk", chunk_size=2)
+    new_keys = jnp.zeros((1, 4, 2, 64))
+    cache = KVCache.init(1, 8, 2, 64).update(new_keys, new_keys, jnp.ones((1, 4), jnp.int32))
+    cached = AttentionMask.build(jnp.ones((1, 4), jnp.int32), cache=cache)
     unsupported = [
-        dict(common, cached=True), dict(common, logits_soft_cap=30.0), dict(common, sinks=True),
+        dict(common, mask=cached), dict(common, logits_soft_cap=30.0), dict(common, sinks=True),
         dict(common, dropout=True), dict(common, mask=blocks), dict(common, dtype=jnp.float32),
         dict(common, mask=chunk), dict(common, float32_qk_product=True), dict(common, head_dim=20),
         dict(common, head_dim=512),
@@ -732,7 +735,7 @@ def test_select_kernel():
     with pytest.raises(ValueError, match="needs a GPU backend, this one is 'cpu'"):
         select_kernel("cudnn", **common)
     with pytest.raises(ValueError, match="cannot run this configuration"):
-        select_kernel("cudnn", **dict(common, cached=True), backend="gpu")
+        select_kernel("cudnn", **dict(common, mask=cached), backend="gpu")
 
 
 @pytest.mark.parametrize("segmented", [True, False], ids=["segmented", "unsegmented"])
