@@ -1,6 +1,7 @@
 """Comparison helpers for the parity tests (the reference side is HF transformers or float64 NumPy)."""
 
 import numpy as np
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType, use_abstract_mesh
 
 
 def max_rel_err(ours, ref) -> float:
@@ -18,6 +19,16 @@ def assert_close(ours, ref, tol: float, what: str) -> float:
     print(f"{what}: max rel err {err:.3e} (tol {tol:.0e})")
     assert err <= tol, f"{what}: max relative error {err:.3e} exceeds {tol:.0e}"
     return err
+
+
+def lowered_for_an_h100(trace) -> str:
+    """The StableHLO text of `trace()`, a `jax.jit(...).trace(...)`, lowered for CUDA as for an H100, on any
+    machine. Pallas's Triton lowering reads the compute capability from the abstract mesh's device (jax >= 0.11
+    raises without a GPU or one; jax 0.10 assumed 9.0). Eager jax calls fail under that mesh, so only the trace
+    and the lowering run inside it."""
+    h100 = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+    with use_abstract_mesh(AbstractMesh((1,), ("gpu",), axis_types=(AxisType.Auto,), abstract_device=h100)):
+        return trace().lower(lowering_platforms=("cuda",)).as_text()
 
 
 def primitive_names(jaxpr) -> list[str]:

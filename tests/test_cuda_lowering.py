@@ -17,6 +17,7 @@ from eqx_models.layers.attention import Attention
 from eqx_models.layers.kv_cache import KVCache
 from eqx_models.models.qwen3_omni import Qwen3OmniAudioEncoder, Qwen3OmniMoeVisionEncoder
 from eqx_models.training import make_optimizer, make_train_step
+from tests.reference import lowered_for_an_h100
 
 fused = pytest.importorskip("jax._src.cudnn.fused_attention_stablehlo", reason="jax's cuDNN attention moved")
 if not all(hasattr(fused, name) for name in ("check_cudnn_version", "check_compute_capability",
@@ -47,7 +48,7 @@ def on_an_h100(monkeypatch):
 
 def lowered(fn, *args) -> str:
     """The StableHLO of `jax.jit(fn)(*args)` lowered for CUDA."""
-    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    return lowered_for_an_h100(lambda: jax.jit(fn).trace(*args))
 
 
 def custom_calls(text: str) -> list[str]:
@@ -62,10 +63,12 @@ def lowered_train_step(model, batch) -> str:
         opt_state = optimizer.init(eqx.filter(model, eqx.is_inexact_array))
     step = make_train_step(optimizer)
     params, static = eqx.partition(model, eqx.is_array)
-    with jax.numpy_dtype_promotion("standard"):  # optax's bias correction: float ** int32 step count
-        traced = jax.jit(lambda p, s, b: step(eqx.combine(p, static), s, b, jax.random.key(0))).trace(
-            params, opt_state, batch)
-    return traced.lower(lowering_platforms=("cuda",)).as_text()
+    def trace():
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction: float ** int32 step count
+            return jax.jit(lambda p, s, b: step(eqx.combine(p, static), s, b, jax.random.key(0))).trace(
+                params, opt_state, batch)
+
+    return lowered_for_an_h100(trace)
 
 
 def train_step_calls(model, batch) -> set[str]:
@@ -131,8 +134,6 @@ def test_prefill_takes_cudnn_and_a_decode_step_the_reference_path():
     assert custom_calls(lowered(lambda m, x, c: m(x, cache=c)[0], layer, x[:, :1], filled)) == []
 
 
-@pytest.mark.skipif(jax.__version_info__ > (0, 10, 2), reason="later jaxlibs compile Triton kernels while lowering, "
-                    "which needs the GPU itself")
 def test_qwen3_next_train_step_lowers_its_pallas_kernels_and_cudnn():
     """Qwen3-Next with the Pallas gated-delta scan and grouped-matmul MoE: Triton calls for both, cuDNN for the
     full-attention layers."""

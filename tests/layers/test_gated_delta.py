@@ -12,7 +12,7 @@ import torch
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_next
 
 from eqx_models.layers import gated_delta as gd
-from tests.reference import assert_close, primitive_names
+from tests.reference import assert_close, lowered_for_an_h100, primitive_names
 
 KEY_DIM, VALUE_DIM = 16, 8
 
@@ -304,7 +304,7 @@ def test_chunk_pallas_lowers_to_triton_for_gpu(monkeypatch):
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
 
     for fn, kernels in ((loss, 1), (jax.grad(loss, argnums=range(5)), 2)):
-        text = jax.jit(fn).trace(q, q, v, g, g).lower(lowering_platforms=("cuda",)).as_text()
+        text = lowered_for_an_h100(lambda: jax.jit(fn).trace(q, q, v, g, g))
         assert text.count("__gpu$xla.gpu.triton") == kernels
 
 

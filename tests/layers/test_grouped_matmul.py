@@ -8,7 +8,7 @@ import pytest
 
 from eqx_models.layers.grouped_matmul import grouped_matmul
 from eqx_models.layers.moe import RoutedMoE
-from tests.reference import assert_close, numpy_grouped_matmul, primitive_names
+from tests.reference import assert_close, lowered_for_an_h100, numpy_grouped_matmul, primitive_names
 
 
 @pytest.mark.parametrize("dtype, tol", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
@@ -45,7 +45,7 @@ def test_lowers_to_triton_for_gpu(monkeypatch):
     tile_expert = jnp.asarray([0, 0, 2], jnp.int32)
     x, w = jnp.ones((3 * 128, 256), jnp.bfloat16), jnp.ones((4, 256, 384), jnp.bfloat16)
     loss = lambda x, w: jnp.sum(grouped_matmul(x, w, tile_expert, 128).astype(jnp.float32))  # noqa: E731
-    text = jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(x, w).lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_an_h100(lambda: jax.jit(jax.value_and_grad(loss, argnums=(0, 1))).trace(x, w))
     assert text.count("__gpu$xla.gpu.triton") == 3
 
 
