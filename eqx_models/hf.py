@@ -639,9 +639,11 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, 
 def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes config.json and safetensors in the HF layout (sharded with an index above `max_shard_bytes`).
 
-    The checkpoint is written next to `out_dir` and swapped in at the end, so a crash mid-save leaves any
-    previous checkpoint there intact. Other entries of an existing `out_dir` (tokenizer files, a README,
-    folders) are kept; only the files of an earlier checkpoint (config.json, weights, index) are replaced.
+    The files are written into a hidden folder inside `out_dir` and moved into place once all are written (the
+    weights, then an earlier checkpoint's other shards are removed, then the config), so a failure or a kill
+    while writing leaves any previous checkpoint as it was; a staging folder left by a killed save is removed by
+    the next. `out_dir` itself is kept (it may be the working directory or a mount point, and keeps its owner
+    and mode), and so are its other entries (tokenizer files, a README, folders).
     """
     cfg = model.config
     if cfg.model_type not in MODELS:
@@ -654,37 +656,28 @@ def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_
     }
     tensors = {rule.hf_key: _HFTensor(leaves[rule.leaf][rule.index], rule.to_hf) for rule in rules}
 
-    out_dir = Path(out_dir).resolve()
+    out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"cannot save a checkpoint to {out_dir}: it exists and is not a directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    kept: list[str] = []
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in out_dir.glob(f"{_STAGING}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=out_dir))
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
         _write_shards(tensors, staging, max_shard_bytes)
-        backup = None
-        if out_dir.exists():
-            for entry in sorted(os.listdir(out_dir)):
-                if not is_checkpoint_file(entry):
-                    os.replace(out_dir / entry, staging / entry)
-                    kept.append(entry)
-            shutil.copymode(out_dir, staging)
-            backup = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, backup)
-        try:
-            os.replace(staging, out_dir)
-        except BaseException:
-            if backup is not None:
-                os.replace(backup, out_dir)
-            raise
-    except BaseException:
-        for entry in kept:
-            os.replace(staging / entry, out_dir / entry)
+        weights = [name for name in os.listdir(staging) if name != CONFIG_FILE]
+        for name in weights:
+            os.replace(staging / name, out_dir / name)
+        for name in os.listdir(out_dir):
+            if is_checkpoint_file(name) and name not in weights and name != CONFIG_FILE:
+                (out_dir / name).unlink()
+        os.replace(staging / CONFIG_FILE, out_dir / CONFIG_FILE)
+    finally:
         shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if backup is not None:
-        shutil.rmtree(backup)
+
+
+_STAGING = ".save_pretrained.tmp-"  # the staging folder's prefix inside `out_dir`
 
 
 class _HFTensor(NamedTuple):

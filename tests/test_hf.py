@@ -561,8 +561,9 @@ def test_save_over_existing_directory_keeps_other_files(tmp_path):
     _assert_same_params(em.from_pretrained(out), new)
 
 
-def test_crash_mid_save_keeps_other_files_in_place(tmp_path, monkeypatch):
-    """A save failing after the other entries were moved aside puts them back: the folder is unchanged."""
+def test_failed_move_into_place_keeps_the_folder(tmp_path, monkeypatch):
+    """A save whose first move into place fails leaves the folder as it was, other entries included, and no
+    staging folder behind."""
     old, new = _random_model(_cfg(moe=False), seed=1), _random_model(_cfg(moe=False), seed=2)
     out = tmp_path / "ckpt"
     em.save_pretrained(old, out)
@@ -570,15 +571,37 @@ def test_crash_mid_save_keeps_other_files_in_place(tmp_path, monkeypatch):
     before = _files(out)
     real_replace = os.replace
 
-    def fail_on_swap(src, dst):
-        if Path(dst) == out and Path(src).name.startswith(".ckpt.tmp-"):
+    def fail_on_move(src, dst):
+        if Path(src).parent.name.startswith(".save_pretrained.tmp-"):
             raise OSError("rename failed")
         return real_replace(src, dst)
 
-    monkeypatch.setattr(hf_io.os, "replace", fail_on_swap)
+    monkeypatch.setattr(hf_io.os, "replace", fail_on_move)
     with pytest.raises(OSError, match="rename failed"):
         em.save_pretrained(new, out)
     monkeypatch.undo()
     assert _files(out) == before
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "notes", "tokenizer.json"]
     _assert_same_params(em.from_pretrained(out), old)
+
+
+def test_save_writes_into_the_folder_itself(tmp_path, monkeypatch):
+    """The folder is written into, never replaced: saving into the working directory leaves it usable (a swapped
+    folder left the process in a deleted directory, and could not replace a mount point), it keeps its inode and
+    mode, a new one gets the umask's mode (not mkdtemp's 0700), and a killed save's staging folder is removed."""
+    old, new = _random_model(_cfg(moe=False), seed=1), _random_model(_cfg(moe=False), seed=2)
+    out = tmp_path / "ckpt"
+    em.save_pretrained(old, out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask
+    out.chmod(0o750)
+    inode = out.stat().st_ino
+    (out / ".save_pretrained.tmp-killed").mkdir()
+    (out / ".save_pretrained.tmp-killed" / "model.safetensors").write_bytes(b"partial")
+    monkeypatch.chdir(out)
+    em.save_pretrained(new, ".")
+    assert os.getcwd() == str(out)
+    assert (out.stat().st_ino, out.stat().st_mode & 0o777) == (inode, 0o750)
+    assert sorted(os.listdir(".")) == ["config.json", "model.safetensors"]
+    _assert_same_params(em.from_pretrained("."), new)
