@@ -358,16 +358,16 @@ def is_checkpoint_file(name: str) -> bool:
 
 # safetensors dtype names -> NumPy dtypes (all stored little-endian)
 _SAFETENSORS_DTYPES = {
-    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": jnp.bfloat16, "I64": "<i8", "I32": "<i4", "I16": "<i2",
-    "I8": "i1", "U64": "<u8", "U32": "<u4", "U16": "<u2", "U8": "u1", "BOOL": "?",
+    "F64": "<f8", "F32": "<f4", "F16": "<f2", "BF16": jnp.bfloat16, "F8_E4M3": jnp.float8_e4m3fn,
+    "F8_E5M2": jnp.float8_e5m2, "I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U64": "<u8", "U32": "<u4",
+    "U16": "<u2", "U8": "u1", "BOOL": "?",
 }
 
 
 class _Stored(NamedTuple):
-    """Where a checkpoint tensor lies: its file, the file's `safe_open` handle and bytes, and its header entry."""
+    """Where a checkpoint tensor lies: its file, the file's bytes, and its header entry."""
 
     file: Path
-    handle: Any
     data: np.ndarray
     entry: dict[str, Any]
 
@@ -395,7 +395,7 @@ class _SafetensorsReader:
             if not file.exists():
                 raise FileNotFoundError(f"checkpoint shard {file} listed in the index is missing")
             try:
-                handle = safe_open(file, framework="numpy")  # validates the header against the file's size
+                keys = safe_open(file, framework="numpy").keys()  # validates the header against the file's size
             except Exception as e:  # safetensors raises its own error types for corrupt headers
                 raise ValueError(f"{file} is not a readable safetensors file: {e}") from None
             with open(file, "rb") as f:
@@ -403,8 +403,18 @@ class _SafetensorsReader:
                 entries = json.loads(f.read(length))
             data = np.memmap(file, np.uint8, mode="r", offset=8 + length) if os.path.getsize(file) > 8 + length \
                 else np.zeros(0, np.uint8)
-            for key in handle.keys():
-                self.stored[key] = _Stored(file, handle, data, entries[key])
+            for key in keys:
+                if entries[key]["dtype"] not in _SAFETENSORS_DTYPES:
+                    raise ValueError(f"{file}: tensor {key} has dtype {entries[key]['dtype']}, which we cannot read; "
+                                     f"readable: {', '.join(_SAFETENSORS_DTYPES)}")
+                if key in self.stored:  # in two shards: the one the index names
+                    owner = weight_map.get(key)
+                    if owner not in (name, self.stored[key].file.name):
+                        raise ValueError(f"tensor {key} is in both {self.stored[key].file} and {file}, and the "
+                                         "index names neither")
+                    if owner != name:
+                        continue
+                self.stored[key] = _Stored(file, data, entries[key])
         if weight_map is not None:
             absent = sorted(k for k, f in weight_map.items() if k not in self.stored
                             or self.stored[k].file != path / f)
@@ -419,11 +429,8 @@ class _SafetensorsReader:
 
     def get(self, key: str) -> np.ndarray:
         stored = self.stored[key]
-        dtype = _SAFETENSORS_DTYPES.get(stored.entry["dtype"])
-        if dtype is None:  # fp8 and others: safetensors' own copy
-            return stored.handle.get_tensor(key)
         start, end = stored.entry["data_offsets"]
-        return stored.data[start:end].view(dtype).reshape(stored.entry["shape"])
+        return stored.data[start:end].view(_SAFETENSORS_DTYPES[stored.entry["dtype"]]).reshape(stored.entry["shape"])
 
 
 def _listing(items: list[str], limit: int = 20) -> str:
@@ -632,7 +639,15 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, 
     tensor_rules = [rule._replace(hf_key=prefix + rule.hf_key) for rule in tensor_rules]
     # tensors transformers itself skips on load (Qwen3-Next's `mtp.*` multi-token-prediction head)
     ignored = tuple(prefix + p for p in getattr(cfg, "ignored_on_load", ()))
-    return load_rules(skeleton, tensor_rules, _SafetensorsReader(path), source=f"checkpoint {path}",
+    reader = _SafetensorsReader(path)
+    head, embedding = prefix + "lm_head.weight", prefix + "model.embed_tokens.weight"
+    if cfg.tie_word_embeddings and head in reader.keys():  # whole state-dict exports store the tied head too
+        if embedding in reader.keys() and not np.array_equal(reader.get(head), reader.get(embedding)):
+            raise ValueError(f"checkpoint {path}: config.json ties the LM head to the embedding "
+                             f"(tie_word_embeddings), but {head} is stored and differs from it; "
+                             "from_pretrained(..., tie_word_embeddings=False) loads it as a separate head")
+        ignored += (head,)
+    return load_rules(skeleton, tensor_rules, reader, source=f"checkpoint {path}",
                       ignore=lambda key: not key.startswith(prefix) or key.startswith(ignored))
 
 

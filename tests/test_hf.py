@@ -499,6 +499,74 @@ def test_missing_shard_of_index(tmp_path):
         em.from_pretrained(tmp_path)
 
 
+def test_tensor_in_two_shards_loads_the_one_the_index_names(tmp_path):
+    """A tensor stored in two shards is read from the shard the index names, whichever file sorts first; in two
+    shards the index does not name, it is a ValueError naming both."""
+    model = _random_model(_cfg(moe=False))
+    em.save_pretrained(model, tmp_path, max_shard_bytes=20_000)
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    shards = sorted(tmp_path.glob("model-*.safetensors"))
+    for key in ("lm_head.weight", "model.embed_tokens.weight"):  # the zero copy sorts after, then before
+        owner = index["weight_map"][key]
+        other = next(s for s in (shards[0], shards[-1]) if s.name != owner)
+        tensors = load_file(other)
+        save_file({**tensors, key: np.zeros(load_file(tmp_path / owner)[key].shape, np.float32)}, other,
+                  metadata={"format": "pt"})
+    _assert_same_params(em.from_pretrained(tmp_path), model)
+
+    key = "model.embed_tokens.weight"  # its shard holds other tensors, so every shard is still listed
+    index["weight_map"][key] = next(s.name for s in shards if key not in load_file(s))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    with pytest.raises(ValueError, match=rf"tensor {key} is in both .*model-\d+-of-\d+.safetensors and "
+                                         r".*model-\d+-of-\d+.safetensors, and the index names neither"):
+        em.from_pretrained(tmp_path)
+
+
+def test_fp8_tensors_load_as_torch_upcasts_them(saved):
+    """float8 (e4m3fn, e5m2) tensors load as torch's `.to(float32)` gives them; a dtype we cannot read (complex)
+    is a ValueError naming the file and the tensor, not an error from a reader thread."""
+    path, _ = saved
+    tensors = load_torch_file(path / "model.safetensors")
+    down, up = "model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    tensors[down] = tensors[down].to(torch.float8_e4m3fn)
+    tensors[up] = (8 * tensors[up]).to(torch.float8_e5m2)
+    save_torch_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    em.save_pretrained(em.from_pretrained(path, dtype=jnp.float32), path / "upcast")
+    upcast = load_torch_file(path / "upcast" / "model.safetensors")
+    for key in (down, up):
+        assert upcast[key].dtype == torch.float32
+        torch.testing.assert_close(upcast[key], tensors[key].float(), rtol=0, atol=0)
+
+    tensors[down] = tensors[down].float().to(torch.complex64)
+    save_torch_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor model.layers.0.mlp.down_proj.weight has dtype "
+                                         r"C64, which we cannot read"):
+        em.from_pretrained(path)
+
+
+def test_tied_checkpoint_that_also_stores_the_head(tmp_path):
+    """Whole state-dict exports of a tied model store `lm_head.weight` too. Equal to the embedding, it is
+    ignored (transformers ties it); different, it is a ValueError that names the way to load it untied."""
+    model = _random_model(_cfg(moe=False, tie_word_embeddings=True))
+    em.save_pretrained(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    embedding = tensors["model.embed_tokens.weight"]
+    save_file({**tensors, "lm_head.weight": embedding}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _assert_same_params(em.from_pretrained(tmp_path), model)
+    hf = _hf_load(tmp_path, moe=False)
+    with torch.no_grad():
+        want = hf(torch.from_numpy(IDS)).logits.numpy()
+    assert_close(_logits(em.from_pretrained(tmp_path), jnp.asarray(IDS)), want, 1e-5, "tied, head stored")
+
+    head = embedding + 1.0
+    save_file({**tensors, "lm_head.weight": head}, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"ties the LM head .* lm_head.weight is stored and differs from it; "
+                                         r"from_pretrained\(..., tie_word_embeddings=False\)"):
+        em.from_pretrained(tmp_path)
+    untied = em.from_pretrained(tmp_path, tie_word_embeddings=False)
+    np.testing.assert_array_equal(np.asarray(untied.transformer.lm_head.kernel), head.T)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Atomic saves
 
