@@ -508,6 +508,40 @@ def test_quantized_cache_generates_with_int8_keys_and_values(tiny, monkeypatch):
     assert built == [{"quantized": True}]
 
 
+def test_hand_written_decode_loops_over_init_cache(tiny):
+    """`init_cache` for loops written by hand: an unrolled model's layers get their own buffers, so the caches
+    can be donated step to step; `empty=False` gives the structure a forward returns, so `lax.scan` carries the
+    cache from the prompt's first token. Both give the greedy tokens of `generate`."""
+    ids = jnp.asarray(np.random.default_rng(7).integers(0, 64, (2, 7)))
+    expected = np.asarray(generate(tiny, ids, 4))[:, 7:]
+    unrolled = eqx.tree_at(lambda m: m.transformer, tiny, tiny.transformer.unroll())
+
+    @eqx.filter_jit(donate="all-except-first")
+    def step(model, cache, tokens, positions):
+        out = model.forward(tokens, positions, cache=cache)
+        return out.cache, jnp.argmax(model.logits(out.hidden[:, -1]), -1)
+
+    for quantized in (False, True):
+        cache = unrolled.init_cache(2, 11, quantized=quantized)
+        leaves = jax.tree.leaves(cache)
+        assert len({id(leaf) for leaf in leaves}) == len(leaves) == 2 * (4 + 2 * quantized)
+        cache, token = step(unrolled, cache, ids, jnp.broadcast_to(jnp.arange(7), (2, 7)))
+        tokens = [token]
+        for i in range(3):
+            cache, token = step(unrolled, cache, tokens[-1][:, None], jnp.full((2, 1), 7 + i))
+            tokens.append(token)
+        if not quantized:
+            np.testing.assert_array_equal(np.stack(tokens, 1), expected)
+
+    def scanned(cache, token_position):
+        token, position = token_position
+        out = tiny.forward(token[:, None], jnp.broadcast_to(position, (2, 1)), cache=cache)
+        return out.cache, jnp.argmax(tiny.logits(out.hidden[:, -1]), -1)
+
+    cache, predicted = jax.lax.scan(scanned, tiny.init_cache(2, 11, empty=False), (ids.T, jnp.arange(7)))
+    np.testing.assert_array_equal(predicted[-1], expected[:, 0])
+
+
 # ------------------------------------------------------------------------------------------------- tracing
 
 

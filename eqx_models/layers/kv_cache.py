@@ -37,7 +37,9 @@ class KVCache(eqx.Module):
     slot to write. With `quantized=True` keys and values are stored as int8 with per-(token, head) float32 scales.
     Writing past `max_length` raises instead of wrapping. `empty` (static) marks a cache straight from `init`:
     attention on it reads the new keys alone, as HF's caches return them (a prefill: `[seq, seq]` logits rather
-    than `[seq, max_length]`, through the fused kernel on GPU); every `update` returns a non-empty cache.
+    than `[seq, max_length]`, through the fused kernel on GPU); every `update` returns a non-empty cache, so a
+    cache carried through `lax.scan` / `while_loop` from its first write starts from `init(..., empty=False)`.
+    A cache marked empty that holds tokens (a filled one rebuilt on an empty one's structure) raises on update.
     """
 
     key: Shaped[Array, "batch max_length kv_heads head_dim"]
@@ -58,8 +60,9 @@ class KVCache(eqx.Module):
         *,
         dtype: DTypeLike = jnp.float32,
         quantized: bool = False,
+        empty: bool = True,
     ) -> "KVCache":
-        """An empty cache."""
+        """A cache holding no tokens; `empty=False` gives it the structure `update` returns (a loop carry)."""
         if min(batch, max_length, num_kv_heads, head_dim) <= 0:
             raise ValueError(
                 f"KVCache sizes must be positive, got batch={batch}, max_length={max_length}, "
@@ -67,15 +70,15 @@ class KVCache(eqx.Module):
             )
         shape = (batch, max_length, num_kv_heads, head_dim)
         store = jnp.int8 if quantized else dtype
-        scales = jnp.zeros(shape[:-1] + (1,), jnp.float32) if quantized else None
-        return cls(
+        scale_shape = shape[:-1] + (1,)
+        return cls(  # every buffer its own array, so a cache can be donated
             key=jnp.zeros(shape, store),
             value=jnp.zeros(shape, store),
-            key_scale=scales,
-            value_scale=scales,
+            key_scale=jnp.zeros(scale_shape, jnp.float32) if quantized else None,
+            value_scale=jnp.zeros(scale_shape, jnp.float32) if quantized else None,
             segment_ids=jnp.zeros((batch, max_length), jnp.int32),
             end_index=jnp.zeros((), jnp.int32),
-            empty=True,
+            empty=empty,
         )
 
     @property
@@ -107,7 +110,8 @@ class KVCache(eqx.Module):
             raise ValueError(f"KV cache is full: cannot write {seq} tokens into max_length={self.max_length}")
         end_index = self.end_index
         overflow = end_index + seq > self.max_length
-        if not isinstance(end_index, jax.core.Tracer) and bool(overflow):
+        concrete = not isinstance(end_index, jax.core.Tracer)
+        if concrete and bool(overflow):
             raise ValueError(
                 f"KV cache is full: {int(end_index)} tokens held, {seq} more do not fit in "
                 f"max_length={self.max_length}"
@@ -115,6 +119,14 @@ class KVCache(eqx.Module):
         end_index = eqx.error_if(
             end_index, overflow, f"KV cache is full: writing past max_length={self.max_length}"
         )
+        if self.empty:
+            stale = (
+                "a KVCache marked empty (static, from KVCache.init) holds tokens: a filled cache rebuilt on an empty "
+                "one's structure would be read as empty; build that structure with KVCache.init(..., empty=False)"
+            )
+            if concrete and int(end_index):
+                raise ValueError(stale)
+            end_index = eqx.error_if(end_index, end_index != 0, stale)
         start = (0, end_index, 0, 0)
         if self.quantized:
             key, key_scale = quantize_int8(key)

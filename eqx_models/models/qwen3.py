@@ -171,11 +171,13 @@ def _layer_kinds(cfg: Qwen3Config) -> list[tuple[str, bool]]:
 
 
 def init_kv_caches(
-    transformer: Transformer, cfg: Qwen3Config, batch: int, max_length: int, *, quantized: bool = False
+    transformer: Transformer, cfg: Qwen3Config, batch: int, max_length: int, *, quantized: bool = False,
+    empty: bool = True,
 ) -> tuple:
-    """Empty KV caches for every layer of an attention-only `transformer`, stacked like its layers."""
+    """Empty KV caches for every layer of an attention-only `transformer`, stacked like its layers
+    (`empty` as for `KVCache.init`)."""
     one = KVCache.init(batch, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype=cfg.dtype,
-                       quantized=quantized)
+                       quantized=quantized, empty=empty)
     return transformer.stack_cache(tuple(one for _ in transformer.pattern))
 
 
@@ -211,9 +213,10 @@ class CausalLM(eqx.Module):
     def logits(self, hidden: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:
         return self.transformer.logits(hidden)
 
-    def init_cache(self, batch: int, max_length: int, *, quantized: bool = False) -> tuple:
-        """Empty per-layer KV caches, laid out like the layers (`Transformer.stack_cache`)."""
-        return init_kv_caches(self.transformer, self.config, batch, max_length, quantized=quantized)
+    def init_cache(self, batch: int, max_length: int, *, quantized: bool = False, empty: bool = True) -> tuple:
+        """Empty per-layer KV caches, laid out like the layers (`Transformer.stack_cache`); `empty=False` gives
+        them the structure a forward returns them with (a `lax.scan` carry; see `KVCache`)."""
+        return init_kv_caches(self.transformer, self.config, batch, max_length, quantized=quantized, empty=empty)
 
     def aux_loss(self, stats: Any) -> Float[Array, ""]:
         """HF's router load-balancing loss over all MoE layers (0 for dense models)."""
@@ -567,9 +570,9 @@ class Qwen3NextForCausalLM(CausalLM):
             remat_policy=cfg.remat_policy,
         )
 
-    def init_cache(self, batch: int, max_length: int, *, quantized: bool = False) -> tuple:
-        """Empty generation state, stacked like the blocks: a `KVCache` per attention layer and a
-        `GatedDeltaState` per Gated DeltaNet layer."""
+    def init_cache(self, batch: int, max_length: int, *, quantized: bool = False, empty: bool = True) -> tuple:
+        """Empty generation state, stacked like the blocks: a `KVCache` per attention layer (`empty` as for
+        `KVCache.init`) and a `GatedDeltaState` per Gated DeltaNet layer."""
         cfg, (block,) = self.config, self.transformer.pattern
         states = []
         for layer in block.layers:
@@ -577,6 +580,6 @@ class Qwen3NextForCausalLM(CausalLM):
                 one = layer.mixer.init_state(batch)  # reads static sizes only, so the stacked module serves
             else:
                 one = KVCache.init(batch, max_length, cfg.num_key_value_heads, cfg.head_dim, dtype=cfg.dtype,
-                                   quantized=quantized)
+                                   quantized=quantized, empty=empty)
             states.append(one)
         return self.transformer.stack_cache((tuple(states),))

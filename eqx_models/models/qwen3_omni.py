@@ -1039,9 +1039,10 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
     def logits(self, hidden: Float[Array, "*batch embed"]) -> Float[Array, "*batch vocab"]:
         return self.transformer.logits(hidden)
 
-    def init_cache(self, batch: int, max_length: int, *, quantized: bool = False) -> tuple:
-        """Empty KV caches of the text decoder, laid out like its layers."""
-        return init_kv_caches(self.transformer, self.config.text_config, batch, max_length, quantized=quantized)
+    def init_cache(self, batch: int, max_length: int, *, quantized: bool = False, empty: bool = True) -> tuple:
+        """Empty KV caches of the text decoder, laid out like its layers (`empty` as for `KVCache.init`)."""
+        return init_kv_caches(self.transformer, self.config.text_config, batch, max_length, quantized=quantized,
+                              empty=empty)
 
     def prompt_inputs(
         self,

@@ -247,8 +247,8 @@ class Transformer(eqx.Module):
     def stack_cache(self, per_position: tuple) -> tuple:
         """Empty caches laid out for `forward`, from one cache per pattern position: stacked over the repeats
         (a leading axis, like the parameters), or one tuple per repeat when `unrolled`."""
-        if self.unrolled:
-            return tuple(per_position for _ in range(self.num_repeats))
+        if self.unrolled:  # each layer its own buffers, so the caches can be donated
+            return tuple(jax.tree.map(jnp.copy, per_position) for _ in range(self.num_repeats))
         repeats = self.num_repeats
         return tuple(jax.tree.map(lambda x: jnp.broadcast_to(x, (repeats,) + x.shape), c) for c in per_position)
 

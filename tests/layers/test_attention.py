@@ -899,6 +899,45 @@ def test_cache_overflow_raises_eagerly_and_under_jit(getkey, rng):
     assert "KV cache is full" in str(info.value)
 
 
+def test_cache_from_init_empty_false_is_a_scan_carry(getkey, rng):
+    """A cache straight from `init(..., empty=False)` has the structure `update` returns, so a decode loop written
+    as `lax.scan` can carry it from the first token; it equals the full forward."""
+    layer = _layer(getkey)
+    x = _x(rng, (2, 6, E))
+
+    def step(cache, xt):
+        y, cache = layer(xt[:, None], jnp.broadcast_to(cache.end_index, (2, 1)), cache=cache)
+        return cache, y[:, 0]
+
+    for quantized, tol in ((False, 1e-5), (True, 3e-2)):
+        cache = KVCache.init(2, 8, 2, D, quantized=quantized, empty=False)
+        cache, ys = jax.lax.scan(step, cache, jnp.swapaxes(x, 0, 1))
+        assert int(cache.end_index) == 6 and not cache.empty
+        assert_close(jnp.swapaxes(ys, 0, 1), _apply(layer, x)[0], tol, f"scanned decode (int8 {quantized})")
+
+
+def test_cache_marked_empty_that_holds_tokens_raises(getkey, rng):
+    """A filled cache rebuilt on `KVCache.init`'s structure is marked empty (static) and would be read as empty,
+    its keys ignored; it raises instead, eagerly and under jit."""
+    layer = _layer(getkey)
+    x = _x(rng, (2, 5, E))
+    _, filled = _apply(layer, x[:, :4], cache=KVCache.init(2, 8, 2, D))
+    rebuilt = jax.tree.unflatten(jax.tree.structure(KVCache.init(2, 8, 2, D)), jax.tree.leaves(filled))
+    assert rebuilt.empty and int(rebuilt.end_index) == 4
+    with pytest.raises(ValueError, match=r"KVCache marked empty .* holds tokens.*KVCache.init\(..., empty=False\)"):
+        layer(x[:, 4:], cache=rebuilt)
+    with pytest.raises(Exception) as info:
+        jax.block_until_ready(_apply(layer, x[:, 4:], cache=rebuilt))
+    assert "KVCache marked empty" in str(info.value)
+
+
+def test_int8_cache_can_be_donated(getkey, rng):
+    """The int8 cache's key and value scales are separate buffers, so the cache can be donated."""
+    layer = _layer(getkey)
+    step = eqx.filter_jit(lambda m, xt, c: m(xt, cache=c), donate="all-except-first")
+    jax.block_until_ready(step(layer, _x(rng, (1, 3, E)), KVCache.init(1, 8, 2, D, quantized=True)))
+
+
 def test_cache_head_shape_mismatch_raises(getkey, rng):
     """A cache built for other (kv_heads, head_dim) is rejected, naming both."""
     layer = _layer(getkey)
