@@ -303,11 +303,15 @@ def _spec_fn(mesh: AnyMesh, rules: Rules | None, params: Any) -> Callable[[Seque
         if param is None or tuple(param[1].shape) == tuple(leaf.shape):
             return _leaf_spec(path, leaf, mesh, rules)
         shape = tuple(param[1].shape)
-        for dropped in range(len(shape)):
-            if shape[:dropped] + shape[dropped + 1 :] == tuple(leaf.shape):
-                full = _leaf_spec(*param, mesh, rules)
-                return P(*(entry for i, entry in enumerate(full) if i != dropped))
-        return P()
+        dropped = [d for d in range(len(shape)) if shape[:d] + shape[d + 1 :] == tuple(leaf.shape)]
+        if not dropped:
+            return P()
+        if len(dropped) > 1:  # equal dimensions: optax's Adafactor drops the largest for its row statistic
+            by_size = np.argsort(shape, kind="stable")  # (the last of equal ones), the next for its column one
+            names = parts[: len(parts) - len(path_str(param[0]).split("/"))]
+            dropped = [int(by_size[-2]) if "v_col" in names else int(by_size[-1])]
+        full = _leaf_spec(*param, mesh, rules)
+        return P(*(entry for i, entry in enumerate(full) if i != dropped[0]))
 
     return spec
 

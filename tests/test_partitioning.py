@@ -295,6 +295,30 @@ def test_adafactor_state_placed_with_params():
         assert leaf.sharding.is_equivalent_to(before, leaf.ndim), f"{path}: {before} -> {leaf.sharding}"
 
 
+def test_adafactor_statistics_of_a_square_parameter_keep_optax_s_dimension():
+    """A square parameter's row and column statistics have the same shape, so the shape cannot say which
+    dimension each keeps. Which one optax keeps is read from the values (a gradient that varies along rows
+    only), and each statistic must be split like that dimension of the parameter."""
+    mesh = partitioning.make_mesh({"fsdp": 2, "tensor": 4})
+    cfg = em.Qwen3Config(vocab_size=128, hidden_size=128, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=16)
+    params = eqx.filter(em.Qwen3ForCausalLM(cfg, key=jax.random.key(0)), eqx.is_inexact_array)
+    full = partitioning.partition_specs(params, mesh).transformer.embed.embedding
+    assert len(set(full)) == 2, full
+    optimizer = optax.adafactor(1e-3)
+    grads = jax.tree.map(jnp.zeros_like, params)
+    grads = eqx.tree_at(lambda g: g.transformer.embed.embedding, grads,
+                        jnp.broadcast_to(jnp.arange(128.0)[:, None], (128, 128)))
+    with jax.numpy_dtype_promotion("standard"):
+        _, state = optimizer.update(grads, optimizer.init(params), params)
+    specs = dict(_leaves(partitioning.partition_specs(state, mesh, params=params)))
+    statistics = [(path, leaf) for path, leaf in _leaves(state) if path.endswith("embed/embedding") and leaf.size > 1]
+    assert len(statistics) == 2
+    for path, leaf in statistics:
+        kept = 0 if np.ptp(np.asarray(leaf)) > 0 else 1  # varies along the rows: the row dimension was kept
+        assert specs[path] == P(full[kept]), (path, specs[path], full)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", list(CONFIGS))
 def test_generate_on_a_sharded_model(kind):
