@@ -319,8 +319,9 @@ class Checkpointer:
         self.wait()
         if not manager.save(step, args=ocp.args.Composite(**items), force=True):
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
-        self._in_flight = step
-        if not self._options.enable_async_checkpointing:
+        if self._options.enable_async_checkpointing:
+            self._in_flight = step
+        else:
             self._prune()
 
     def _prune(self) -> None:
@@ -332,7 +333,10 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until an asynchronous save is finished and durable."""
         if self._manager is not None:
-            self._manager.wait_until_finished()
+            try:
+                self._manager.wait_until_finished()
+            finally:  # finished or failed: no step is being written
+                self._in_flight = None
             self._prune()
 
     def latest_step(self) -> int | None:
@@ -354,6 +358,7 @@ class Checkpointer:
 
     def _record(self, step: int | None) -> tuple[int, list[int], dict]:
         """`(step, all steps, our metadata record of step)`; `step` None is the latest."""
+        self.wait()
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoint found in {self.directory}")
@@ -363,7 +368,6 @@ class Checkpointer:
             raise ValueError(f"step {step} not found in {self.directory}; available steps: {steps}")
         step = int(step)
         manager = self._open()
-        manager.wait_until_finished()
         try:
             record = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
         except (FileNotFoundError, KeyError):

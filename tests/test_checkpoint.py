@@ -281,6 +281,41 @@ def test_async_save(tmp_path, trained):
     assert restored.metadata == {"data_position": 9}
 
 
+def test_restore_right_after_an_async_save_reads_it(tmp_path, model):
+    """`restore` and `has_opt_state` wait for a save still being written and read it: the step list was taken
+    before waiting, so they read the previous step, or said the new one did not exist."""
+    noise = np.random.default_rng(0).standard_normal(4_000_000, dtype=np.float32)
+    with Checkpointer(tmp_path, async_save=True) as ckpt:
+        ckpt.save(1, model, {"noise": jnp.asarray(noise)})
+        ckpt.wait()
+        ckpt.save(2, model, {"noise": jnp.asarray(noise + 1)})
+        restored = ckpt.restore(model, {"noise": jnp.zeros_like(noise)})
+        assert restored.step == 2
+        np.testing.assert_array_equal(np.asarray(restored.opt_state["noise"]), noise + 1)
+        ckpt.save(3, model)
+        assert not ckpt.has_opt_state(3)
+
+
+@pytest.mark.parametrize("async_save", [False, True], ids=["sync", "async"])
+def test_a_failed_save_keeps_the_last_good_step_listed(tmp_path, model, async_save):
+    """A save that fails (here: arrays a training step already donated) leaves the steps saved before it
+    listed and restorable: a failed save used to leave the latest good step hidden as if still being written,
+    so `restore` silently read an older one, or found none."""
+    with Checkpointer(tmp_path, async_save=async_save) as ckpt:
+        ckpt.save(1, filled_model(1))
+        ckpt.save(2, model)
+        ckpt.wait()
+        donated = filled_model(3)
+        jax.tree.leaves(donated)[0].delete()
+        with pytest.raises(RuntimeError, match="deleted"):
+            ckpt.save(3, donated)
+            ckpt.wait()
+        assert ckpt.all_steps() == [1, 2]
+        restored = ckpt.restore(zeros_like_tree(model))
+        assert restored.step == 2
+        assert_bitwise_equal(restored.model, model)
+
+
 _CRASH_CHILD = textwrap.dedent(
     """
     import os, signal, sys, threading
