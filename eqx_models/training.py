@@ -215,7 +215,7 @@ def make_train_step(
     **loss_kwargs: Any,
 ) -> Callable:
     """`step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, jitted with the model and optimizer
-    state donated. Parameters stay in their `param_dtype` (fp32 master weights with `dtype="bfloat16"` compute
+    state donated (`key` may be None where nothing is random). Parameters stay in their `param_dtype` (fp32 master weights with `dtype="bfloat16"` compute
     is the mixed-precision set-up). Ids outside the vocabulary, which would turn every parameter into NaN, and
     negative segment ids raise before the step when they are on the host or already computed; `lm_loss` rejects
     batch keys it would ignore while it is traced, also before anything is donated.
@@ -245,6 +245,9 @@ def make_train_step(
             size = batch["input_ids"].shape[0]
             if size % grad_accum_steps:
                 raise ValueError(f"batch size {size} is not divisible by grad_accum_steps {grad_accum_steps}")
+            if not hasattr(model, "config"):
+                raise ValueError(f"grad_accum_steps > 1 reads the whole batch's loss normalizers from an eqx_models "
+                                 f"model's config; {type(model).__name__} has none")
             normalizers = loss_normalizers(model, batch)
             micro = jax.tree.map(lambda x: x.reshape(grad_accum_steps, size // grad_accum_steps, *x.shape[1:]), batch)
             params = eqx.filter(model, eqx.is_inexact_array)
@@ -255,7 +258,8 @@ def make_train_step(
                 grads, metrics = grads_of(model, micro_batch, micro_key, normalizers=normalizers)
                 return jax.tree.map(lambda t, g: t + g.astype(jnp.float32), total, grads), metrics
 
-            total, metrics = jax.lax.scan(accumulate, zeros, (micro, jax.random.split(key, grad_accum_steps)))
+            keys = None if key is None else jax.random.split(key, grad_accum_steps)
+            total, metrics = jax.lax.scan(accumulate, zeros, (micro, keys))
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), total, params)
             metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
@@ -263,10 +267,11 @@ def make_train_step(
         metrics["grad_norm"] = optax.tree.norm(grads)
         return model, opt_state, metrics
 
-    def train_step(model, opt_state, batch: Batch, key: PRNGKeyArray):
+    def train_step(model, opt_state, batch: Batch, key: PRNGKeyArray | None):
         ids, segments = batch.get("input_ids"), batch.get("segment_ids")
-        if ids is not None and _ready(ids):
-            check_token_ids(ids, model.transformer.embed.num_embeddings)
+        embed = getattr(getattr(model, "transformer", None), "embed", None)  # a custom loss_fn's model may lack it
+        if ids is not None and embed is not None and _ready(ids):
+            check_token_ids(ids, embed.num_embeddings)
         if segments is not None and _ready(segments):
             check_segment_ids(segments)
         return step(batch, model, opt_state, key)

@@ -923,6 +923,32 @@ def test_a_custom_loss_may_read_its_own_batch_keys(model):
     assert np.isfinite(float(metrics["loss"]))
 
 
+def test_a_custom_loss_may_train_a_wrapped_model_without_a_key(model):
+    """The step's token-id check reads the vocabulary of an eqx_models model; a model of the user's own (an
+    adapter around one here) trains through a custom `loss_fn` as well (gradient accumulation, which reads the
+    loss normalizers from the model's config, says it needs one), and `key=None` (nothing random) works with
+    gradient accumulation too, giving the full batch's loss."""
+    class Scaled(eqx.Module):
+        inner: eqx.Module
+        scale: jax.Array
+
+    def loss_fn(m, batch, *, key, **kwargs):
+        return lm_loss(eqx.tree_at(lambda inner: inner.transformer.norm.scale, m.inner,
+                                   m.inner.transformer.norm.scale * m.scale), batch, key=key, **kwargs)
+
+    opt = optax.sgd(1e-2)
+    wrapped = Scaled(_copy(model), jnp.ones(()))
+    wrapped, _, metrics = make_train_step(opt, loss_fn=loss_fn)(wrapped, opt.init(_params(wrapped)), _batch(), None)
+    assert float(wrapped.scale) != 1.0
+    assert_close(metrics["loss"], lm_loss(model, _batch())[0], 1e-6, "wrapped vs plain loss")
+    with pytest.raises(ValueError, match="grad_accum_steps > 1 reads .* config; Scaled has none"):
+        make_train_step(opt, loss_fn=loss_fn, grad_accum_steps=2)(wrapped, opt.init(_params(wrapped)), _batch(), None)
+
+    m = _copy(model)
+    _, _, accumulated = make_train_step(opt, grad_accum_steps=2)(m, opt.init(_params(m)), _batch(), None)
+    assert_close(accumulated["loss"], metrics["loss"], 1e-6, "accumulated without a key vs one batch")
+
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(learning_rate=-1e-3), "learning_rate must be a finite number > 0"),
     (dict(learning_rate=float("nan")), "learning_rate must be a finite number > 0"),
