@@ -387,7 +387,10 @@ class Checkpointer:
         """Restore `step` (default: latest) into the structure of `like_model` (and `like_opt_state`).
 
         Each array lands with the dtype and sharding of the matching `like` leaf (on the default device for
-        abstract leaves without a sharding); non-array leaves come from `like`.
+        abstract leaves without a sharding); non-array leaves come from `like`. Restored arrays are committed
+        to their devices: a fresh optimizer state for a restored model needs placing too
+        (`jax.device_put(optimizer.init(params), device)` on one device, `partitioning.shard(..., params=model)`
+        on a mesh), or a training step's second call compiles again (its first saw uncommitted counters).
         """
         step, steps, record = self._record(step)
         manager = self._open()

@@ -215,10 +215,11 @@ def make_train_step(
     **loss_kwargs: Any,
 ) -> Callable:
     """`step(model, opt_state, batch, key) -> (model, opt_state, metrics)`, jitted with the model and optimizer
-    state donated (`key` may be None where nothing is random). Parameters stay in their `param_dtype` (fp32 master weights with `dtype="bfloat16"` compute
-    is the mixed-precision set-up). Ids outside the vocabulary, which would turn every parameter into NaN, and
-    negative segment ids raise before the step when they are on the host or already computed; `lm_loss` rejects
-    batch keys it would ignore while it is traced, also before anything is donated.
+    state donated (`key` may be None where nothing is random). Parameters stay in their `param_dtype` (fp32
+    master weights with `dtype="bfloat16"` compute is the mixed-precision set-up). Ids outside the vocabulary,
+    which would turn every parameter into NaN, and negative segment ids raise before the step when they are on
+    the host or already computed; `lm_loss` rejects batch keys it would ignore while it is traced, also before
+    anything is donated.
 
     With `grad_accum_steps > 1` the batch is split into that many micro-batches along the batch axis, and
     `loss_fn` also receives `normalizers=loss_normalizers(model, batch)` of the whole batch; the micro-batches'
