@@ -349,6 +349,7 @@ CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 _SHARD = re.compile(r"model-\d+-of-\d+\.safetensors")
+_STAGING = ".save_pretrained.tmp-"  # the prefix of `save_pretrained`'s staging folder inside its `out_dir`
 
 
 def is_checkpoint_file(name: str) -> bool:
@@ -690,9 +691,6 @@ def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_
         os.replace(staging / CONFIG_FILE, out_dir / CONFIG_FILE)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-
-
-_STAGING = ".save_pretrained.tmp-"  # the staging folder's prefix inside `out_dir`
 
 
 class _HFTensor(NamedTuple):
