@@ -675,6 +675,7 @@ def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise ValueError(f"cannot save a checkpoint to {out_dir}: it exists and is not a directory")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     for leftover in out_dir.glob(f"{_STAGING}*"):
         shutil.rmtree(leftover, ignore_errors=True)
@@ -689,6 +690,10 @@ def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_
             if is_checkpoint_file(name) and name not in weights and name != CONFIG_FILE:
                 (out_dir / name).unlink()
         os.replace(staging / CONFIG_FILE, out_dir / CONFIG_FILE)
+    except BaseException:
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -591,6 +591,9 @@ def test_crash_mid_save_keeps_previous_checkpoint(tmp_path, monkeypatch):
     assert _files(out) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
     _assert_same_params(em.from_pretrained(out), old)
+    with pytest.raises(RuntimeError, match="disk full"):  # a folder the failed save created is removed
+        em.save_pretrained(new, tmp_path / "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
 def test_save_over_existing_directory_replaces_it(tmp_path):
