@@ -41,13 +41,14 @@ def sample_token(
     if top_k is not None:
         kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
-    if top_p is not None:
-        sorted_logits = jnp.sort(logits, axis=-1)[:, ::-1]
-        cumulative = jnp.cumsum(jax.nn.softmax(sorted_logits, axis=-1), axis=-1)
-        # keep the smallest prefix whose mass reaches top_p (always at least the top token)
-        cutoff_index = jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
-        cutoff = jnp.take_along_axis(sorted_logits, cutoff_index, axis=-1)
-        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    if top_p is not None and top_p < 1:  # 1 keeps all (float32 sums can reach 1 before the last token)
+        order = jnp.argsort(-logits, axis=-1, stable=True)
+        cumulative = jnp.cumsum(jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1), axis=-1)
+        # the smallest prefix whose mass reaches top_p (at least the top token), cut by position as HF does,
+        # so tokens tied at its edge are not all kept
+        keep_sorted = jnp.arange(logits.shape[-1]) <= jnp.sum(cumulative < top_p, axis=-1, keepdims=True)
+        keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+        logits = jnp.where(keep, logits, -jnp.inf)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

@@ -395,6 +395,25 @@ def test_sample_token_filters_match_hf_warpers(logits, temperature, top_k, top_p
     assert_close(_softmax(ours), _softmax(ref), 1e-6, f"filtered probabilities, T={temperature}")
 
 
+@pytest.mark.parametrize("logits, top_p", [([[0.0, 0.0, 0.0, 0.0]], 0.3), ([[2.0, 1.0, 1.0, 1.0, 0.0]], 0.5),
+                                            ([[1.0, 0.5, 0.5, 0.5, 0.5, -1.0]], 0.6)])
+def test_top_p_cuts_tokens_tied_at_its_edge_by_position(logits, top_p):
+    """Tokens tied at the nucleus edge are cut by position, as HF's warper does: as many tokens survive as the
+    smallest prefix that reaches top_p needs (keeping every tied token kept up to twice as many). Which of the tied
+    ones survive is arbitrary in both, so the kept counts and the kept logits are compared."""
+    logits = np.asarray(logits)
+    ours, ref = _filtered(logits, temperature=1.0, top_p=top_p), _hf_filtered(logits, 1.0, None, top_p)
+    assert np.isfinite(ours).sum() == np.isfinite(ref).sum()
+    np.testing.assert_array_equal(np.sort(ours[np.isfinite(ours)]), np.sort(ref[np.isfinite(ref)]))
+
+
+def test_top_p_one_keeps_every_token_of_a_large_vocabulary():
+    """top_p=1 filters nothing (HF adds no warper), even where the float32 running sum of 151,936 probabilities
+    reaches 1 before the last token."""
+    logits = np.random.default_rng(0).normal(0.0, 3.0, (4, 151_936))
+    assert np.isfinite(_filtered(logits, temperature=1.0, top_p=1.0)).all()
+
+
 def test_sample_token_top_k_top_p_frequencies_match_hf():
     """Sampling end to end (4000 keys) at temperature 1.6 with top_k=5 and top_p=0.7: frequencies follow HF's
     filtered distribution (5 sigma, excluded tokens never drawn)."""
