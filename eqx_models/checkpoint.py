@@ -223,8 +223,8 @@ class Checkpointer:
 
     - `directory`: one subdirectory per step is written here (created on the first save).
     - `max_to_keep`: keep only this many steps, the highest-numbered (None keeps all). Lower ones are deleted
-      once a save is complete (an asynchronous one: at the next `wait`, `save` or `close`); saving a step that
-      would not be among them is an error.
+      once a save is complete (an asynchronous one: at the next `wait`, `save`, `restore` or `close`); saving a
+      step that would not be among them is an error.
     - `async_save`: `save` returns once the arrays are copied to host and writes in the background;
       `wait()` blocks until the write is durable. A new save, `restore` and `close` wait for the previous one.
 
