@@ -146,7 +146,9 @@ class Qwen3Config:
             if rope_type not in ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {rope_type!r} is not supported; choose one of {ROPE_TYPES}")
             factor = self.rope_scaling.get("factor")
-            if rope_type != "default" and not (is_a(factor, float) and factor > 0):
+            # YaRN's `"factor": null` means max_position_embeddings / original_max_position_embeddings, as in HF
+            derived = rope_type == "yarn" and "factor" in self.rope_scaling and factor is None
+            if rope_type != "default" and not derived and not (is_a(factor, float) and factor > 0):
                 raise ValueError(f"rope_scaling type {rope_type!r} needs a positive number `factor`, got {factor!r}")
             if rope_type == "llama3":
                 _check_llama3_scaling(self.rope_scaling)

@@ -52,12 +52,12 @@ def rotary_from_config(cfg: Qwen3Config) -> eqx.Module:
             low_freq_factor=scaling["low_freq_factor"], high_freq_factor=scaling["high_freq_factor"],
             old_context_len=scaling["original_max_position_embeddings"], interleaved=False,
         )
-    original = scaling.get("original_max_position_embeddings", cfg.max_position_embeddings)
+    original = scaling.get("original_max_position_embeddings") or cfg.max_position_embeddings
     factor = scaling.get("factor") or cfg.max_position_embeddings / original
     return YarnRotaryEmbedding(
         cfg.head_dim, max_position_embeddings=cfg.max_position_embeddings,
-        original_max_position_embeddings=original, beta_fast=scaling.get("beta_fast", 32.0),
-        beta_slow=scaling.get("beta_slow", 1.0), rope_theta=cfg.rope_theta, rope_factor=factor, interleave=False,
+        original_max_position_embeddings=original, beta_fast=scaling.get("beta_fast") or 32.0,
+        beta_slow=scaling.get("beta_slow") or 1.0, rope_theta=cfg.rope_theta, rope_factor=factor, interleave=False,
         truncate=scaling.get("truncate", True), attention_scaling=True, mscale=scaling.get("mscale") or 1.0,
         mscale_all_dim=(scaling.get("mscale_all_dim") or None) if scaling.get("mscale") else None,
         explicit_attention_factor=scaling.get("attention_factor"),

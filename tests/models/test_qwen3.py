@@ -52,13 +52,17 @@ CASES = [
     ("dense-yarn-attention-factor", False,
      dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
                            "original_max_position_embeddings": 32, "attention_factor": 0.7}), (1, 3)),
+    ("dense-yarn-null-factor-and-betas", False,
+     dict(max_position_embeddings=128, rope_parameters={
+         "rope_type": "yarn", "rope_theta": 10_000.0, "factor": None, "original_max_position_embeddings": 32,
+         "beta_fast": None, "beta_slow": 0}), (1, 3)),
     ("dense-attention-bias", False, dict(attention_bias=True), (1, 3)),
     ("moe-llama3-rope", True,
      dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}), (1, 3)),
 ]
 ROUND_TRIP = ("dense-sliding-layer-types", "moe-sliding-every-layer", "dense-yarn-attention-factor",
-              "dense-attention-bias", "moe-llama3-rope")
+              "dense-yarn-null-factor-and-betas", "dense-attention-bias", "moe-llama3-rope")
 
 
 def _hf_model(moe: bool, seed: int = 0, **overrides):
