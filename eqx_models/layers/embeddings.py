@@ -4,9 +4,10 @@ Rotary layouts: "half-split" (NeoX, HF's `rotate_half`) pairs dim `i` with `i + 
 Meta's original) pairs `2i` with `2i + 1`. `half_to_interleaved` / `interleaved_to_half` convert between them.
 
 Frequencies are pure functions of static hyper-parameters: they are computed in NumPy float32 in the same
-order of operations as HF transformers (so `inv_freq` matches HF's to the bit), folded into the graph as
-constants, and never appear as trainable leaves. Angles, cos and sin are float32; cos/sin are cast to the
-activation dtype before the rotation, as HF does.
+order of operations as HF transformers (so `inv_freq` is within 1 ulp of HF's, mostly equal), folded into the
+graph as constants, and never appear as trainable leaves. Angles, cos and sin are float32; cos/sin are cast to the
+activation dtype before the rotation, as HF does, except in the vision rotaries, which rotate in float32 and round
+once, as HF's do.
 """
 
 import math
@@ -100,8 +101,8 @@ def _duplicate(angles: Float[Array, "*batch half"], interleaved: bool) -> Float[
 def _default_positions(positions: Array | None, batch: int, seq: int) -> Array:
     if positions is None:
         return jnp.broadcast_to(jnp.arange(seq, dtype=jnp.int32), (batch, seq))
-    if positions.shape[:2] != (batch, seq):
-        raise ValueError(f"positions {positions.shape} do not match input (batch, seq) = {(batch, seq)}")
+    if positions.shape != (batch, seq):
+        raise ValueError(f"positions {positions.shape} must be (batch, seq) = {(batch, seq)}")
     return positions
 
 
@@ -222,7 +223,8 @@ class Embed(eqx.Module):
         frequent token's ~1,000 contributions stalls (half its value lost)."""
         check_token_ids(ids, self.num_embeddings)
         if self.use_iota_embed:
-            one_hot = (ids[..., None] == jnp.arange(self.num_embeddings, dtype=ids.dtype)).astype(self.dtype)
+            ids = ids.astype(jnp.int32)  # a narrow dtype (uint16 ids, vocab 65,536) would wrap the iota
+            one_hot = (ids[..., None] == jnp.arange(self.num_embeddings, dtype=jnp.int32)).astype(self.dtype)
             in_range = (ids >= 0) & (ids < self.num_embeddings)
             return jnp.where(in_range[..., None], one_hot @ self.embedding.astype(self.dtype),
                              jnp.array(jnp.nan, self.dtype))
@@ -534,7 +536,7 @@ class Qwen3OmniMoeThinkerTextRotaryEmbedding(eqx.Module):
         if not 0 < self.partial_rotary_factor <= 1:
             raise ValueError(f"partial_rotary_factor must be in (0, 1], got {self.partial_rotary_factor}")
         _check_even(name, "rotary dim int(head_dim * partial_rotary_factor)", self.rotary_dim)
-        if len(self.mrope_section) != 3 or any(s < 0 for s in self.mrope_section):
+        if len(self.mrope_section) != 3 or any(not isinstance(s, int) or s < 0 for s in self.mrope_section):
             raise ValueError(f"{name}: mrope_section must be 3 non-negative ints, got {self.mrope_section}")
         if sum(self.mrope_section) != self.rotary_dim // 2:
             raise ValueError(
@@ -572,11 +574,11 @@ class Qwen3OmniMoeThinkerTextRotaryEmbedding(eqx.Module):
         positions: Real[Array, "batch seq 3"] | Real[Array, "batch seq"] | None = None,
     ) -> Float[Array, "batch seq heads head_dim"]:
         _check_rank4("Qwen3OmniMoeThinkerTextRotaryEmbedding", x, self.embedding_dims)
-        positions = _default_positions(positions, x.shape[0], x.shape[1])
-        if positions.ndim == 2:
-            positions = jnp.repeat(positions[..., None], 3, axis=-1)
-        elif positions.ndim != 3 or positions.shape[-1] != 3:
-            raise ValueError(f"MRoPE positions must be [batch, seq] or [batch, seq, 3], got {positions.shape}")
+        if positions is None or positions.ndim == 2:
+            positions = jnp.repeat(_default_positions(positions, x.shape[0], x.shape[1])[..., None], 3, axis=-1)
+        elif positions.shape != (x.shape[0], x.shape[1], 3):
+            raise ValueError(f"MRoPE positions must be [batch, seq] or [batch, seq, 3] for input {x.shape[:2]}, "
+                             f"got {positions.shape}")
         cos, sin = self.cos_sin(positions)
         rotated = apply_rotary(x[..., : self.rotary_dim], cos[:, :, None], sin[:, :, None])
         return jnp.concatenate([rotated, x[..., self.rotary_dim :]], axis=-1)
@@ -664,7 +666,7 @@ class LlamaVisionRotaryEmbedding(eqx.Module):
         if x.shape[1] != self.num_patches:
             raise ValueError(f"expected {self.num_patches} tokens (patches + CLS), got {x.shape[1]}")
         angles = _duplicate(jnp.asarray(self.angles()), interleaved=True)[None, :, None]
-        return apply_rotary(x, jnp.cos(angles), jnp.sin(angles), interleaved=True)
+        return apply_rotary(x.astype(jnp.float32), jnp.cos(angles), jnp.sin(angles), interleaved=True).astype(x.dtype)
 
 
 def generate_block_coords(
@@ -687,13 +689,22 @@ def generate_block_coords(
     return row, col, valid
 
 
+def _check_grid(grid_thw: Array | np.ndarray, max_patches: int, merge_size: int) -> None:
+    """Per-example grids, when concrete: positive, h and w multiples of the merge size, inside `max_patches`."""
+    if isinstance(grid_thw, jax.core.Tracer):
+        return
+    for t, h, w in np.asarray(grid_thw).tolist():
+        if min(t, h, w) <= 0 or h % merge_size or w % merge_size or t * h * w > max_patches:
+            raise ValueError(
+                f"grid (t={t}, h={h}, w={w}) must be positive with h and w multiples of the spatial merge size "
+                f"{merge_size}, within the static {max_patches} patches"
+            )
+
+
 def _static_grid(num_frames: int, height: int, width: int, merge_size: int) -> Int[Array, "1 3"]:
-    if min(num_frames, height, width) <= 0 or height % merge_size or width % merge_size:
-        raise ValueError(
-            f"grid (t={num_frames}, h={height}, w={width}) must be positive with h and w multiples of the "
-            f"spatial merge size {merge_size}"
-        )
-    return jnp.array([[num_frames, height, width]], jnp.int32)
+    grid = np.array([[num_frames, height, width]], np.int32)
+    _check_grid(grid, num_frames * height * width, merge_size)
+    return jnp.asarray(grid)
 
 
 class Qwen3OmniMoeVisionRotaryEmbedding(eqx.Module):
@@ -762,6 +773,7 @@ class Qwen3OmniMoeVisionRotaryEmbedding(eqx.Module):
         else:
             if grid_thw.shape != (x.shape[0], 3):
                 raise ValueError(f"grid_thw must be [batch, 3] = {(x.shape[0], 3)}, got {grid_thw.shape}")
+            _check_grid(grid_thw, x.shape[1], self.spatial_merge_size)
             row, col, valid = generate_block_coords(grid_thw, x.shape[1], self.spatial_merge_size)
             cos, sin = self._cos_sin(row, col, valid)
             cos, sin = cos[:, :, None], sin[:, :, None]
@@ -818,6 +830,8 @@ class Qwen3OmniMoeVisionPosEmbedInterpolate(eqx.Module):
             grid_thw = _static_grid(num_frames, height, width, self.spatial_merge_size)
         elif grid_thw.ndim != 2 or grid_thw.shape[1] != 3:
             raise ValueError(f"grid_thw must be [batch, 3], got {grid_thw.shape}")
+        else:
+            _check_grid(grid_thw, num_frames * height * width, self.spatial_merge_size)
         row, col, valid = generate_block_coords(grid_thw, num_frames * height * width, self.spatial_merge_size)
         side = self.side
         h, w = grid_thw[:, 1:2], grid_thw[:, 2:3]

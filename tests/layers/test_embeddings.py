@@ -255,6 +255,10 @@ def test_llama_vision_rotary_matches_hf(rng):
     ref_q, _ = llama4.vision_apply_rotary_emb(xt, xt.clone(), freqs_ci)
     rope = LlamaVisionRotaryEmbedding(56, 14, 64, 4, rope_theta=500.0)
     assert_close(run(rope, jnp.asarray(x)), ref_q.numpy(), 1e-6, "LlamaVisionRotaryEmbedding vs HF")
+    xb = xt.to(torch.bfloat16)  # HF rotates in float32 and rounds once
+    ref_b, _ = llama4.vision_apply_rotary_emb(xb, xb.clone(), freqs_ci)
+    ours_b = run(rope, jnp.asarray(xb.float().numpy(), jnp.bfloat16))
+    np.testing.assert_array_equal(np.asarray(ours_b.astype(jnp.float32)), ref_b.float().numpy())
 
 
 def test_qwen_vision_rotary_matches_numpy(rng):
@@ -644,6 +648,7 @@ BAD_CONSTRUCTION = [
         r"mrope_section \(4, 2, 1\) sums to 7, but must sum to rotary_dim / 2 = 8",
     ),
     (lambda: _mrope(32, (8, 4, 4), 0.5), "sums to 16, but must sum to rotary_dim / 2 = 8"),
+    (lambda: Qwen3OmniMoeThinkerTextRotaryEmbedding(16, mrope_section=(4.0, 2.0, 2.0)), "3 non-negative ints"),
     (lambda: Qwen3OmniMoeVisionRotaryEmbedding(60, 8), "hidden_size 60 is not divisible by num_attention"),
     (lambda: LlamaVisionRotaryEmbedding(56, 14, 60, 8), "hidden_size 60 is not divisible by num_attention"),
     (lambda: LlamaVisionRotaryEmbedding(50, 14, 64, 4), "image_size 50 is not a multiple of patch_size 14"),
@@ -687,13 +692,17 @@ def test_positions_shape_mismatch_raises():
     with pytest.raises(jaxtyping.TypeCheckError, match="positions"):
         rope(x8, bad)
     raw = getattr(RotaryEmbedding.__call__, "__wrapped__", RotaryEmbedding.__call__)
-    with pytest.raises(ValueError, match=r"positions \(2, 5\) do not match input \(batch, seq\) = \(2, 4\)"):
+    with pytest.raises(ValueError, match=r"positions \(2, 5\) must be \(batch, seq\) = \(2, 4\)"):
         raw(rope, x8, bad)
+    with pytest.raises(ValueError, match=r"positions \(2, 4, 1\) must be \(batch, seq\)"):
+        raw(rope, x8, jnp.zeros((2, 4, 1), jnp.int32))  # was broadcast into a rank-5 output
     raw_m = getattr(type(mrope).__call__, "__wrapped__", type(mrope).__call__)
-    with pytest.raises(ValueError, match=r"positions \(2, 5\) do not match"):
+    with pytest.raises(ValueError, match=r"positions \(2, 5\) must be \(batch, seq\)"):
         raw_m(mrope, x16, bad)
     with pytest.raises(ValueError, match=r"MRoPE positions must be \[batch, seq\] or \[batch, seq, 3\]"):
         raw_m(mrope, x16, jnp.zeros((2, 4, 2), jnp.int32))
+    with pytest.raises(ValueError, match=r"MRoPE positions .* got \(2, 5, 3\)"):
+        raw_m(mrope, x16, jnp.zeros((2, 5, 3), jnp.int32))
 
 
 def test_embed_rejects_float_ids(getkey):
@@ -719,6 +728,19 @@ def test_embed_out_of_range_ids(getkey, use_iota_embed, bad_id):
     np.testing.assert_array_equal(out[0, [0, 2]], np.asarray(embed.embedding)[[0, 3]])
 
 
+@pytest.mark.parametrize(
+    "vocab, dtype",
+    [(300, jnp.uint8), (256, jnp.uint8), (65_536, jnp.uint16), (70_000, jnp.uint16), (32_768, jnp.int16)],
+)
+def test_iota_embed_takes_ids_narrower_than_the_vocab(getkey, vocab, dtype):
+    """uint16 ids (common storage for token ids) with a 65,536 vocab: the iota must not wrap in the ids' dtype."""
+    embed = Embed(vocab, 4, use_iota_embed=True, key=getkey())
+    last = min(vocab - 1, np.iinfo(dtype).max)
+    ids = np.array([0, 7, last // 2, last - 1, last])
+    out = embed(jnp.asarray(ids, dtype))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(embed.embedding)[ids])
+
+
 def test_pos_embed_interpolate_non_square_raises(getkey):
     """num_position_embeddings must be a perfect square."""
     with pytest.raises(ValueError, match="num_position_embeddings must be a perfect square, got 50"):
@@ -735,6 +757,19 @@ def test_grid_not_multiple_of_merge_size_raises(getkey):
         rope.compute_cos_sin(1, 3, 4)
     with pytest.raises(ValueError, match=match):
         Qwen3OmniMoeVisionPosEmbedInterpolate(16, 8, 2, key=getkey())(1, 3, 4)
+
+
+@pytest.mark.parametrize("grid, why", [([1, 4, 6], "beyond the 16 static patches"), ([1, 3, 4], "h odd"),
+                                       ([0, 4, 4], "t zero"), ([1, -2, 4], "h negative")])
+def test_concrete_per_example_grid_is_checked(getkey, grid, why):
+    """A concrete per-example `grid_thw` is validated like a static grid (it was truncated or misplaced)."""
+    rope = Qwen3OmniMoeVisionRotaryEmbedding(64, 4, spatial_merge_size=2)
+    grids = jnp.array([[1, 4, 4], grid], jnp.int32)
+    match = rf"grid \(t={grid[0]}, h={grid[1]}, w={grid[2]}\) must be positive .* within the static 16 patches"
+    with pytest.raises(ValueError, match=match):
+        rope(jnp.ones((2, 16, 4, 16)), 1, 4, 4, grids)
+    with pytest.raises(ValueError, match=match):
+        Qwen3OmniMoeVisionPosEmbedInterpolate(16, 8, 2, key=getkey())(1, 4, 4, grids)
 
 
 def test_vision_sequence_length_mismatch_raises():
