@@ -855,6 +855,8 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
                 continue
             if grid is None:
                 raise ValueError(f"{kind} pixels were given without their grid ({kind}_grid_thw)")
+            if pixels.ndim != 2:
+                raise ValueError(f"{kind} pixels must be [patches, patch_dim], got shape {pixels.shape}")
             grid = self.visual.grid(grid, f"{kind}_grid_thw")
             _check_count(input_ids, token, self.visual.num_tokens(grid), kind)
             given.append((pixels, grid, token))
@@ -869,6 +871,8 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         """The valid frames of each clip (host), placeholders counted."""
         if input_features is None:
             return None
+        if input_features.ndim != 3:
+            raise ValueError(f"input_features must be [audios, mel, frames], got shape {input_features.shape}")
         if feature_attention_mask is None:
             raise ValueError(
                 "input_features need feature_attention_mask (audios, frames) marking the valid frames"
@@ -1062,12 +1066,13 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         embeddings, the DeepStack residuals and the MRoPE positions of `get_rope_index`. Decoding goes on from
         the last token's positions, not from `real tokens + rope_deltas`: after an audio-in-video block the
         prompt's largest position can lie before its last token."""
-        mask = np.ones(np.shape(input_ids), np.int64) if attention_mask is None else _static_ints(
-            attention_mask, "attention_mask")
+        real = np.ones(np.shape(input_ids), bool) if attention_mask is None else _concrete(
+            attention_mask, "attention_mask") != 0
+        input_ids = jnp.where(real, input_ids, 0)  # padded slots may hold any id, as `generate` promises
         embeds, deepstack, audio_valid = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
                                                      video_grid_thw, input_features, feature_attention_mask)
         positions, _ = get_rope_index(
-            self.config, input_ids, image_grid_thw, video_grid_thw, mask, use_audio_in_video,
+            self.config, input_ids, image_grid_thw, video_grid_thw, real.astype(np.int64), use_audio_in_video,
             None if audio_valid is None else audio_valid.sum(axis=1), video_second_per_grid,
         )
         return PromptInputs(embeds, deepstack, jnp.asarray(positions))

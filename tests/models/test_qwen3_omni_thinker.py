@@ -5,6 +5,8 @@ batch with images of two grids, a video and two audio clips (DeepStack added acr
 layer scan; encoder matrices scaled to O(1) pre-activations; 2e-6 relative); checkpoints both ways
 (thinker-only layout, and the full model's `thinker.` prefix); bad-input errors; encoder freezing."""
 
+import inspect
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -420,6 +422,22 @@ def test_prompt_inputs_match_the_forward(models):
     assert_close(np.asarray(ours.logits(hidden))[valid], expected[valid], 1e-6, "logits from prompt_inputs")
 
 
+def test_prompt_padding_may_hold_any_id(models):
+    """As for every model under `generate`: ids under attention_mask 0 never reach the embedding (-1 padding gave
+    "token ids must lie in [0, 256)"), and a bool mask is taken (it was refused)."""
+    _, ours = models
+    inputs = _multimodal_inputs()
+    kwargs = {k: v for k, v in inputs.items() if k not in ("input_ids", "attention_mask")}
+    kwargs = {k: (v if k in _STATIC else jnp.asarray(v)) for k, v in kwargs.items()}
+    mask = inputs["attention_mask"]
+    assert not mask.all(), "the case needs left padding"
+    ids = jnp.asarray(inputs["input_ids"], jnp.int32)
+    expected = ours.prompt_inputs(jnp.where(mask != 0, ids, 0), mask, **kwargs)
+    got = ours.prompt_inputs(jnp.where(mask != 0, ids, -1), mask.astype(bool), **kwargs)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_generate_checks_placeholders_before_encoding(models):
     """Under `generate` the ids are concrete, so a placeholder count that does not match the features is
     caught (a clear ValueError), unlike under a user's `jit`."""
@@ -502,6 +520,12 @@ def test_bad_inputs_raise(models):
         ours(ids, input_features=features, feature_attention_mask=inputs["feature_attention_mask"][:, :-1])
     with pytest.raises(ValueError, match="image_grid_thw must be static"):
         jax.jit(lambda g: ours(ids, pixel_values=pixels, image_grid_thw=g))(jnp.asarray(inputs["image_grid_thw"]))
+    # ranks, past the shape checker (without it these were an IndexError and a TypeError from concatenate)
+    audio_inputs, vision_inputs = (inspect.unwrap(getattr(type(ours), n)) for n in ("_audio_inputs", "_vision_inputs"))
+    with pytest.raises(ValueError, match=r"input_features must be \[audios, mel, frames\], got shape \(16, 130\)"):
+        audio_inputs(ours, ids, features[0], inputs["feature_attention_mask"])
+    with pytest.raises(ValueError, match=r"video pixels must be \[patches, patch_dim\], got shape \(1, 40, 96\)"):
+        vision_inputs(ours, ids, (pixels[None], inputs["image_grid_thw"], ours.config.video_token_id, "video"))
 
 
 def test_freeze_encoders_stops_encoder_gradients(models):
