@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 import eqx_models
+from eqx_models.config import RUNTIME_FIELDS
 from eqx_models.hf import CONFIG_FILE, MODELS, is_checkpoint_file, read_json
 
 CAUSAL_LMS = ("qwen3", "qwen3_moe", "qwen3_next")
@@ -35,7 +36,8 @@ def encode(text: str) -> list[int]:
 
 
 def decode(ids) -> str:
-    return bytes(int(i) for i in ids).decode("utf-8", errors="replace")
+    """Byte ids to text; an id past the bytes (a converted HF model's vocabulary) shows as U+FFFD."""
+    return b"".join(bytes([i]) if i < 256 else "\ufffd".encode() for i in map(int, ids)).decode("utf-8", "replace")
 
 
 def bundled_corpus() -> str:
@@ -47,7 +49,8 @@ def _load_config(model: str):
         return eqx_models.Qwen3Config(**TINY)
     path = Path(model)
     if not path.is_file():
-        raise CLIError(f"--model must be 'tiny' or a config JSON file; {model} does not exist")
+        why = "is a directory" if path.is_dir() else "does not exist"
+        raise CLIError(f"--model must be 'tiny' or a config JSON file; {model} {why}")
     data = read_json(path)
     try:
         return _config_class(data.get("model_type", "qwen3")).from_hf_dict(data)
@@ -96,9 +99,11 @@ def _config_from_fields(cls, data: dict):
 
 
 def _differing_fields(given, saved) -> list[str]:
+    """The model fields (not the runtime ones a config.json leaves at their defaults) that differ."""
     if type(given) is not type(saved):
         return ["model_type"]
-    return [f.name for f in dataclasses.fields(given) if getattr(given, f.name) != getattr(saved, f.name)]
+    return [f.name for f in dataclasses.fields(given)
+            if f.name not in RUNTIME_FIELDS and getattr(given, f.name) != getattr(saved, f.name)]
 
 
 def _train_config(args: argparse.Namespace, out: Path):
@@ -271,8 +276,6 @@ def _generate_text(model, prompt: str, max_new_tokens: int, temperature: float, 
     from eqx_models.generation import generate
 
     ids = encode(prompt)
-    if not ids:
-        raise CLIError("--prompt must not be empty")
     out = generate(model, jnp.asarray([ids], jnp.int32), max_new_tokens, temperature, jax.random.key(seed))
     return decode(out[0, len(ids):])
 
@@ -430,6 +433,12 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(args, name, 1) < 1:
             print(f"eqx-models: error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
             return 2
+    if not 0 <= getattr(args, "seed", 0) < 2**63:
+        print("eqx-models: error: --seed must be in [0, 2**63)", file=sys.stderr)
+        return 2
+    if getattr(args, "prompt", None) == "":
+        print("eqx-models: error: --prompt must not be empty", file=sys.stderr)
+        return 2
     try:
         args.func(args)
     except (CLIError, FileNotFoundError, ValueError) as e:

@@ -7,6 +7,7 @@ on the Hub; `to_hf_dict` writes what transformers 5 writes. Fields that are ours
 
 import dataclasses
 import json
+import math
 import numbers
 import types
 import typing
@@ -21,9 +22,10 @@ from eqx_models.layers.moe import MOE_IMPLS
 
 REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj")
 ROPE_TYPES = ("default", "linear", "yarn", "llama3")
-_RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "moe_impl", "moe_capacity_factor",
-                   "moe_fast_capacity_factor", "mtp_num_layers", "mtp_loss_scaling_factor", "gated_delta_impl",
-                   "gated_delta_chunk_size")
+# how a model runs, not what it is: not written to config.json
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "moe_impl", "moe_capacity_factor",
+                  "moe_fast_capacity_factor", "mtp_num_layers", "mtp_loss_scaling_factor", "gated_delta_impl",
+                  "gated_delta_chunk_size")
 LAYER_TYPES = ("linear_attention", "full_attention")
 
 
@@ -35,6 +37,15 @@ def _check_llama3_scaling(scaling: Mapping[str, Any]) -> None:
         raise ValueError(f"rope_scaling type 'llama3' needs positive numbers {', '.join(absent)}; got {dict(scaling)}")
     if not scaling["high_freq_factor"] > scaling["low_freq_factor"]:
         raise ValueError(f"rope_scaling type 'llama3' needs high_freq_factor > low_freq_factor, got {dict(scaling)}")
+
+
+def _rope_dict(data: Mapping[str, Any]) -> dict[str, Any]:
+    """A `config.json`'s RoPE parameters as transformers reads them: a legacy `rope_scaling` replaces
+    `rope_parameters` (what adding YaRN to a transformers-5 config.json relies on)."""
+    rope = data.get("rope_scaling") or data.get("rope_parameters") or {}
+    if not isinstance(rope, Mapping):
+        raise ValueError(f"rope_scaling / rope_parameters must be a JSON object, got {rope!r}")
+    return dict(rope)
 
 
 def _check_runtime(cfg: Any) -> None:
@@ -78,12 +89,16 @@ def _check_types(cfg: Any) -> None:
         if not any(is_a(value, kind) for kind in kinds):
             expected = " or ".join("None" if kind is type(None) else kind.__name__ for kind in kinds)
             raise ValueError(f"{type(cfg).__name__}.{field.name} must be {expected}, got {value!r}")
+        if is_a(value, float) and not math.isfinite(value):
+            raise ValueError(f"{type(cfg).__name__}.{field.name} must be finite, got {value!r}")
+        if hasattr(value, "item"):  # a NumPy scalar, kept as the Python number config.json can hold
+            object.__setattr__(cfg, field.name, value.item())
 
 
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
-        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        if not is_a(value, int) or value <= 0:
             raise ValueError(f"{type(cfg).__name__}.{name} must be a positive int, got {value!r}")
 
 
@@ -95,6 +110,8 @@ class Qwen3Config:
     architecture: ClassVar[str] = "Qwen3ForCausalLM"
     hf_default_theta: ClassVar[float] = 10_000.0  # what transformers uses when config.json names no rope_theta
     hf_default_head_dim: ClassVar[int | None] = 128  # ... and no head_dim (None: hidden_size // heads)
+    # ... and for these keys (our class defaults are the released checkpoint's)
+    hf_defaults: ClassVar[Mapping[str, Any]] = {"tie_word_embeddings": False, "max_position_embeddings": 32768}
     layer_type_choices: ClassVar[tuple[str, ...]] = ("full_attention", "sliding_attention")
 
     vocab_size: int = 151936
@@ -142,6 +159,8 @@ class Qwen3Config:
         if self.rope_theta <= 0:
             raise ValueError(f"rope_theta must be positive, got {self.rope_theta}")
         if self.rope_scaling is not None:
+            if not isinstance(self.rope_scaling, Mapping):
+                raise ValueError(f"rope_scaling must be a dict or None, got {self.rope_scaling!r}")
             rope_type = self.rope_scaling.get("rope_type", self.rope_scaling.get("type", "default"))
             if rope_type not in ROPE_TYPES:
                 raise ValueError(f"rope_scaling type {rope_type!r} is not supported; choose one of {ROPE_TYPES}")
@@ -152,6 +171,10 @@ class Qwen3Config:
                 raise ValueError(f"rope_scaling type {rope_type!r} needs a positive number `factor`, got {factor!r}")
             if rope_type == "llama3":
                 _check_llama3_scaling(self.rope_scaling)
+            original = self.rope_scaling.get("original_max_position_embeddings")
+            if rope_type == "yarn" and original is not None and not (is_a(original, int) and original > 0):
+                raise ValueError(f"rope_scaling's original_max_position_embeddings must be a positive int, got "
+                                 f"{original!r}")
             object.__setattr__(self, "rope_scaling", dict(self.rope_scaling, rope_type=rope_type))
         if self.use_sliding_window and (self.sliding_window is None or self.sliding_window < 1):
             raise ValueError(f"use_sliding_window needs sliding_window >= 1, got {self.sliding_window}")
@@ -199,14 +222,14 @@ class Qwen3Config:
         data = dict(data)
         if "num_local_experts" in data:  # transformers 5 writes this alias of num_experts
             data.setdefault("num_experts", data.pop("num_local_experts"))
-        rope = dict(data.pop("rope_parameters", None) or {})
-        legacy = data.pop("rope_scaling", None)
-        if legacy:
-            rope = {**legacy, **rope}
-        theta = rope.pop("rope_theta", data.pop("rope_theta", None))
+        data = {**cls.hf_defaults, **data}
+        rope = _rope_dict(data)
+        theta = rope.pop("rope_theta", data.get("rope_theta"))
         rope.pop("partial_rotary_factor", None)
         rope_type = rope.get("rope_type", rope.get("type", "default"))
-        names = {f.name for f in dataclasses.fields(cls)} - set(_RUNTIME_FIELDS)
+        if rope_type in ("llama3", "yarn"):
+            rope.setdefault("original_max_position_embeddings", data["max_position_embeddings"])
+        names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
         kwargs = {k: v for k, v in data.items() if k in names}
         for name in ("mlp_only_layers", "layer_types"):
             if isinstance(kwargs.get(name), list):
@@ -228,7 +251,7 @@ class Qwen3Config:
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` transformers 5 writes for this model."""
-        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in _RUNTIME_FIELDS}
+        data = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
         theta, scaling = data.pop("rope_theta"), data.pop("rope_scaling")
         data["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
         for name in ("mlp_only_layers", "layer_types"):
@@ -275,7 +298,10 @@ class Qwen3MoeConfig(Qwen3Config):
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) cannot exceed num_experts ({self.num_experts})"
             )
-        object.__setattr__(self, "mlp_only_layers", tuple(self.mlp_only_layers))
+        layers = self.mlp_only_layers
+        if not isinstance(layers, Sequence) or isinstance(layers, str) or not all(is_a(i, int) for i in layers):
+            raise ValueError(f"mlp_only_layers must be a list of layer indices, got {layers!r}")
+        object.__setattr__(self, "mlp_only_layers", tuple(int(i) for i in layers))
         bad = [i for i in self.mlp_only_layers if not 0 <= i < self.num_hidden_layers]
         if bad:
             raise ValueError(f"mlp_only_layers {bad} are not layers of a {self.num_hidden_layers}-layer model")
@@ -388,12 +414,19 @@ class Qwen3NextConfig(Qwen3MoeConfig):
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3NextConfig":
         data = dict(data)
-        rope = dict(data.get("rope_parameters") or data.get("rope_scaling") or {})
+        rope = _rope_dict(data)
         factor = rope.get("partial_rotary_factor", data.get("partial_rotary_factor"))
         if factor is not None:
             overrides = {"partial_rotary_factor": float(factor), **overrides}
-        if isinstance(data.get("layer_types"), list):
-            overrides = {"layer_types": tuple(data["layer_types"]), **overrides}
+        types = data.get("layer_types")
+        if isinstance(types, list):
+            overrides = {"layer_types": tuple(types), **overrides}
+            if "full_attention_interval" not in data and "full_attention" in types:
+                # transformers saves only the types; keep the interval that gives them, so `replace` re-derives
+                interval = types.index("full_attention") + 1
+                if types == [("full_attention" if (i + 1) % interval == 0 else "linear_attention")
+                             for i in range(len(types))]:
+                    data["full_attention_interval"] = interval
         return super().from_hf_dict(data, **overrides)
 
     def to_hf_dict(self) -> dict[str, Any]:
@@ -652,7 +685,7 @@ class Qwen3OmniThinkerTextConfig(Qwen3MoeConfig):
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3OmniThinkerTextConfig":
-        rope = {**(data.get("rope_scaling") or {}), **(data.get("rope_parameters") or {})}
+        rope = _rope_dict(data)
         if "mrope_section" in rope:
             overrides = {"mrope_section": tuple(rope["mrope_section"]), **overrides}
         interleaved = rope.get("interleaved", rope.get("mrope_interleaved"))
@@ -762,11 +795,11 @@ class Qwen3OmniThinkerConfig:
         prefix = ""
         if "thinker_config" in data:
             data, prefix = dict(data["thinker_config"] or {}), "thinker."
+        tie = bool(overrides.pop("tie_word_embeddings", data.get("tie_word_embeddings", False)))
         names = {f.name for f in dataclasses.fields(cls)}
         mine = {k: v for k, v in overrides.items() if k in names and not k.endswith("_config")}
         dtypes = {k: v for k, v in overrides.items() if k in _ENCODER_RUNTIME_FIELDS}
         text_overrides = {k: v for k, v in overrides.items() if k not in mine}
-        tie = bool(data.get("tie_word_embeddings", False))
         text = dict(data.get("text_config") or {}, tie_word_embeddings=tie)
         kwargs = {k: data[k] for k in cls._TOKEN_IDS + ("user_token_id", "position_id_per_seconds") if k in data}
         return cls(

@@ -62,6 +62,10 @@ def test_train_then_generate_then_convert(tmp_path):
         (("generate", "--checkpoint", "/nonexistent/run", "--prompt", "x"), "does not exist"),
         (("train", "--model", "/nonexistent/config.json"), "does not exist"),
         (("train", "--steps", "0"), "--steps must be >= 1"),
+        (("train", "--model", "/"), "--model must be 'tiny' or a config JSON file; / is a directory"),
+        (("train", "--seed", "-1"), "--seed must be in [0, 2**63)"),
+        (("generate", "--checkpoint", "x", "--prompt", "x", "--seed", str(2**64)), "--seed must be in [0, 2**63)"),
+        (("train", "--prompt", ""), "--prompt must not be empty"),  # before training, not after it
     ],
 )
 def test_errors_are_one_line(args, message):
@@ -70,6 +74,25 @@ def test_errors_are_one_line(args, message):
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and message in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_ids_past_the_bytes_decode_as_replacement_characters():
+    """A converted HF model's vocabulary goes past the 256 byte ids the command tokenizes with; its samples print
+    (ids >= 256 as U+FFFD) instead of failing after generation with 'bytes must be in range(0, 256)'."""
+    from eqx_models.cli import decode, encode
+
+    assert decode([*encode("é!"), 300, 72]) == "é!\ufffdH"
+
+
+def test_resume_compares_model_fields_not_runtime_ones():
+    """A run converted from a bf16 checkpoint saved dtype bfloat16; its own config.json as `--model` (read with
+    the default runtime fields) is the same model, so resuming with it is not refused."""
+    import eqx_models as em
+    from eqx_models.cli import _differing_fields
+
+    saved = em.Qwen3Config(dtype="bfloat16", param_dtype="bfloat16", remat_policy="full")
+    assert _differing_fields(em.Qwen3Config(), saved) == []
+    assert _differing_fields(em.Qwen3Config(rope_theta=5.0), saved) == ["rope_theta"]
 
 
 def test_bad_config_file_is_one_line(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 import transformers
 
 import eqx_models as em
-from eqx_models.config import _RUNTIME_FIELDS, ROPE_TYPES, Qwen3OmniAudioConfig
+from eqx_models.config import RUNTIME_FIELDS, ROPE_TYPES, Qwen3OmniAudioConfig
 
 TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
             num_key_value_heads=2, head_dim=16, rms_norm_eps=1e-6, max_position_embeddings=512,
@@ -61,6 +61,13 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "reference" / "hf" / "
         (em.Qwen3MoeConfig, dict(moe_impl="ragged"), "moe_impl"),
         (em.Qwen3MoeConfig, dict(moe_capacity_factor=0.0), "moe_capacity_factor"),
         (em.Qwen3MoeConfig, dict(moe_fast_capacity_factor=0.5), "moe_fast_capacity_factor"),
+        (em.Qwen3MoeConfig, dict(mlp_only_layers=(True,)), "mlp_only_layers must be a list of layer indices"),
+        (em.Qwen3Config, dict(rope_theta=float("nan")), "Qwen3Config.rope_theta must be finite, got nan"),
+        (em.Qwen3Config, dict(rms_norm_eps=float("inf")), "rms_norm_eps must be finite"),
+        (em.Qwen3MoeConfig, dict(moe_capacity_factor=float("nan")), "moe_capacity_factor must be finite"),
+        (Qwen3OmniAudioConfig, dict(dropout=float("nan")), "dropout must be finite"),
+        (em.Qwen3Config, dict(rope_scaling={**YARN, "original_max_position_embeddings": -4}),
+         "original_max_position_embeddings must be a positive int, got -4"),
     ],
 )
 def test_invalid_config_raises_naming_the_field(cls, kwargs, field):
@@ -170,6 +177,60 @@ def test_from_hf_dict_legacy_keys():
     assert cfg.head_dim == 64 // 4 and cfg.num_experts == 8
 
 
+def test_numpy_numbers_are_taken_and_kept_as_python_numbers():
+    """NumPy scalars (a config built from arrays, without the type hook the tests run under) pass the positivity
+    checks and are stored as Python numbers, so the config still writes to JSON."""
+    cfg = em.Qwen3Config(**TINY)
+    object.__setattr__(cfg, "hidden_size", np.int64(64))
+    object.__setattr__(cfg, "rms_norm_eps", np.float32(1e-5))
+    cfg.__post_init__()
+    assert type(cfg.hidden_size) is int and type(cfg.rms_norm_eps) is float
+    json.dumps(cfg.to_hf_dict())
+
+
+@pytest.mark.parametrize("top_level_theta", [None, 5e5])
+def test_legacy_rope_scaling_replaces_rope_parameters_as_transformers_does(top_level_theta):
+    """YaRN added as `rope_scaling` to a transformers-5 config.json (which already holds `rope_parameters`, as
+    Qwen's model cards describe) is applied, not dropped (it was, silently: logits off by up to 2.99)."""
+    data = {**TINY, "rope_parameters": {"rope_type": "default", "rope_theta": 1e6},
+            "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}}
+    if top_level_theta is not None:
+        data["rope_theta"] = top_level_theta
+    hf = transformers.Qwen3Config(**data).rope_parameters
+    cfg = em.Qwen3Config.from_hf_dict(data)
+    assert cfg.rope_theta == hf["rope_theta"]
+    assert cfg.rope_scaling == {k: v for k, v in hf.items() if k != "rope_theta"}
+
+
+def test_absent_keys_take_transformers_defaults():
+    """tie_word_embeddings / max_position_embeddings missing from config.json mean what they mean to
+    transformers (False, 32768), not our dataclass defaults (Qwen3-0.6B's tied head); a llama3 / YaRN
+    rope without original_max_position_embeddings takes max_position_embeddings."""
+    data = {**{k: v for k, v in TINY.items() if k not in ("tie_word_embeddings", "max_position_embeddings")},
+            "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}}
+    hf, cfg = transformers.Qwen3Config(**data), em.Qwen3Config.from_hf_dict(data)
+    assert cfg.tie_word_embeddings is hf.tie_word_embeddings is False
+    assert cfg.max_position_embeddings == hf.max_position_embeddings == 32768
+    assert cfg.rope_scaling["original_max_position_embeddings"] == hf.rope_parameters[
+        "original_max_position_embeddings"] == 32768
+
+
+def test_bad_rope_dict_is_named():
+    with pytest.raises(ValueError, match="rope_scaling / rope_parameters must be a JSON object, got 'yarn'"):
+        em.Qwen3Config.from_hf_dict({**TINY, "rope_scaling": "yarn"})
+
+
+@pytest.mark.parametrize("interval, layers", [(4, 8), (2, 6), (3, 3), (1, 2)])
+def test_qwen3_next_interval_survives_the_config_json(interval, layers):
+    """transformers writes only `layer_types`; the interval that gives them comes back, so the config equals the
+    original and `replace(num_hidden_layers=...)` re-derives the pattern (it raised)."""
+    cfg = em.Qwen3NextConfig(num_hidden_layers=layers, full_attention_interval=interval)
+    back = em.Qwen3NextConfig.from_hf_dict(transformers.Qwen3NextConfig(**cfg.to_hf_dict()).to_dict())
+    assert back == cfg
+    assert back.replace(num_hidden_layers=layers + interval).layer_types == cfg.replace(
+        num_hidden_layers=layers + interval).layer_types
+
+
 def test_from_hf_dict_overrides_and_unknown_keys():
     data = {**TINY, "model_type": "qwen3", "some_future_key": 1, "rope_parameters": {"rope_theta": 1e6}}
     cfg = em.Qwen3Config.from_hf_dict(data, remat_policy="full", dtype="bfloat16")
@@ -206,14 +267,14 @@ def test_to_hf_dict_is_read_by_transformers(cfg):
     runtime fields stay off the dict; `from_hf_dict(to_hf_dict(c))` gives `c` back (runtime fields at
     defaults)."""
     d = cfg.to_hf_dict()
-    assert not (set(_RUNTIME_FIELDS) - {"dtype"}) & set(d)
+    assert not (set(RUNTIME_FIELDS) - {"dtype"}) & set(d)
     assert d["model_type"] == cfg.model_type and d["architectures"] == [cfg.architecture]
     json.dumps(d)
     hf_cls = transformers.Qwen3MoeConfig if isinstance(cfg, em.Qwen3MoeConfig) else transformers.Qwen3Config
     hf = hf_cls(**d)
     for field in dataclasses.fields(cfg):
         name = field.name
-        if name in _RUNTIME_FIELDS or name in ("rope_theta", "rope_scaling", "max_window_layers"):
+        if name in RUNTIME_FIELDS or name in ("rope_theta", "rope_scaling", "max_window_layers"):
             continue
         if name == "layer_types" and hf_cls is transformers.Qwen3MoeConfig:  # HF's MoE has none: all or no layers slide
             assert not hasattr(hf, name) and set(cfg.layer_types) == {"full_attention"}
@@ -225,7 +286,7 @@ def test_to_hf_dict_is_read_by_transformers(cfg):
     for key, value in (cfg.rope_scaling or {}).items():
         assert hf.rope_parameters[key] == value, key
     back = type(cfg).from_hf_dict(d)
-    runtime_defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in _RUNTIME_FIELDS}
+    runtime_defaults = {f.name: f.default for f in dataclasses.fields(cfg) if f.name in RUNTIME_FIELDS}
     assert back == cfg.replace(**runtime_defaults)
 
 

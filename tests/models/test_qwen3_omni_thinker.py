@@ -589,6 +589,9 @@ def test_config_from_full_and_thinker_dicts():
     full = {"model_type": "qwen3_omni_moe", "thinker_config": {**thinker, "text_config": legacy_text}}
     cfg_full = Qwen3OmniThinkerConfig.from_hf_dict(full)
     assert cfg_full.checkpoint_prefix == "thinker." and cfg_full.replace(checkpoint_prefix="") == cfg
+    for tie in (True, False):  # the override `from_pretrained`'s tied-head error suggests (it raised a TypeError)
+        tied = Qwen3OmniThinkerConfig.from_hf_dict(thinker, tie_word_embeddings=tie)
+        assert tied.tie_word_embeddings is tied.text_config.tie_word_embeddings is tie
     with pytest.raises(ValueError, match=r"mrope_section \[6, 5, 6\] sums to 17.*16"):
         cfg.text_config.replace(mrope_section=(6, 5, 6))
     with pytest.raises(ValueError, match=r"out_hidden_size \(32\).*hidden_size \(64\)"):
