@@ -93,6 +93,7 @@ def generate(
     top_k: int | None = None,
     top_p: float | int | None = None,
     eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
     attention_mask: Int[Array, "batch prompt"] | None = None,
     unroll_layers: bool | None = None,
     quantized_cache: bool = False,
@@ -100,9 +101,10 @@ def generate(
 ) -> Int[Array, "batch total"]:
     """`[batch, prompt + max_new_tokens]`: the prompts followed by generated tokens.
 
-    Greedy when `temperature == 0`. After a row emits one of `eos_token_id` it keeps emitting that token (the
-    loop stops early once every row has). `attention_mask` marks real prompt tokens (left padding = 0; padded
-    slots may hold any id, e.g. -1); real tokens outside the vocabulary raise when the ids are concrete.
+    Greedy when `temperature == 0`. After a row emits one of `eos_token_id` it emits `pad_token_id` (default: the
+    first eos id, as transformers) to the end; the loop stops early once every row has. `attention_mask` marks
+    real prompt tokens (non-zero; left padding = 0, and padded slots may hold any id, e.g. -1); real tokens outside
+    the vocabulary raise when the ids are concrete.
     `inputs` are a model's extra prompt inputs: for the Omni thinker its multimodal ones under HF's names
     (`pixel_values`, `image_grid_thw`, `pixel_values_videos`, `video_grid_thw`, `video_second_per_grid`,
     `input_features`, `feature_attention_mask`, `use_audio_in_video`; see its `prompt_inputs`).
@@ -124,23 +126,27 @@ def generate(
         )
     vocab = model.transformer.embed.num_embeddings
     input_ids = jnp.asarray(input_ids)
+    attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
     _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab)
+    eos = () if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(np.asarray(eos_token_id)))
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    elif not (is_a(pad_token_id, int) and 0 <= pad_token_id < vocab):
+        raise ValueError(f"pad_token_id must be an id in [0, {vocab}), got {pad_token_id!r}")
     prompt = None
     if hasattr(model, "prompt_inputs"):
         prompt = model.prompt_inputs(input_ids, attention_mask, **inputs)
     elif inputs:
         raise ValueError(f"{type(model).__name__} takes no prompt inputs besides input_ids and attention_mask; "
                          f"got {', '.join(sorted(inputs))}")
-    if attention_mask is None:
-        attention_mask = jnp.ones_like(input_ids)
-    eos = () if eos_token_id is None else tuple(jnp.atleast_1d(jnp.asarray(eos_token_id)).tolist())
+    attention_mask = jnp.ones_like(input_ids) if attention_mask is None else attention_mask != 0
     key = jax.random.key(0) if key is None else key
     total = input_ids.shape[1] + int(max_new_tokens)
     if unroll_layers or (unroll_layers is None and _unroll_fits(model, input_ids.shape[0], total, quantized_cache)):
         model = eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())
     return _generate(model, input_ids.astype(jnp.int32), jnp.asarray(attention_mask, jnp.int32), prompt, key,
-                     int(max_new_tokens), float(temperature), None if top_k is None else int(top_k), top_p, eos,
-                     bool(quantized_cache))
+                     int(max_new_tokens), float(temperature), None if top_k is None else int(top_k),
+                     None if top_p is None else float(top_p), eos, int(pad_token_id), bool(quantized_cache))
 
 
 def _free_bytes(device: jax.Device) -> int | None:
@@ -171,7 +177,7 @@ def _unroll_fits(model: eqx.Module, batch: int, length: int, quantized: bool) ->
 
 
 @eqx.filter_jit
-def _generate(model, input_ids, attention_mask, prompt, key, max_new_tokens, temperature, top_k, top_p, eos,
+def _generate(model, input_ids, attention_mask, prompt, key, max_new_tokens, temperature, top_k, top_p, eos, pad,
               quantized_cache):
     batch, prompt_len = input_ids.shape
     if prompt is None:
@@ -197,12 +203,10 @@ def _generate(model, input_ids, attention_mask, prompt, key, max_new_tokens, tem
         step, previous, position, cache, tokens, done = state
         out = decoder.forward(previous[:, None], position[:, None], jnp.ones((batch, 1), jnp.int32), cache=cache)
         token = sample(decoder.logits(out.hidden[:, 0]), keys[step])
-        token = jnp.where(done, previous, token)
+        token = jnp.where(done, pad, token)
         tokens = jax.lax.dynamic_update_slice(tokens, token[:, None], (0, step))
         return step + 1, token, position + 1, out.cache, tokens, done | is_eos(token)
 
-    step, last, _, _, tokens, _ = jax.lax.while_loop(cond, body, state)
-    # rows that stopped early repeat their stop token to the end
-    filler = jnp.arange(max_new_tokens)[None, :] >= step
-    tokens = jnp.where(filler, last[:, None], tokens)
+    step, _, _, _, tokens, _ = jax.lax.while_loop(cond, body, state)
+    tokens = jnp.where(jnp.arange(max_new_tokens)[None, :] >= step, pad, tokens)  # every row stopped early
     return jnp.concatenate([input_ids, tokens], axis=1)

@@ -150,13 +150,13 @@ def test_left_padding_is_invisible(greedy_run):
 # ----------------------------------------------------------------------------------------------------- EOS
 
 
-def _truncate_at_eos(tokens: np.ndarray, eos: set[int]) -> np.ndarray:
-    """Reference: each row up to and including its first EOS, then that EOS repeated."""
+def _truncate_at_eos(tokens: np.ndarray, eos: set[int], pad: int) -> np.ndarray:
+    """Reference: each row up to and including its first EOS, then `pad`."""
     tokens = tokens.copy()
     for row in tokens:
         hits = [i for i, t in enumerate(row) if int(t) in eos]
         if hits:
-            row[hits[0]:] = row[hits[0]]
+            row[hits[0] + 1:] = pad
     return tokens
 
 
@@ -201,7 +201,7 @@ def test_eos_repeats_and_prefix_equals_greedy(greedy_run):
     got = np.asarray(generate(ours, jnp.asarray(ids), MAX_NEW, attention_mask=jnp.asarray(mask),
                               eos_token_id=eos))
     assert got.shape == out.shape
-    expected = _truncate_at_eos(new, {eos})
+    expected = _truncate_at_eos(new, {eos}, eos)
     np.testing.assert_array_equal(got[:, :prompt], ids)
     np.testing.assert_array_equal(got[:, prompt:], expected)
     assert (got[0, prompt + j:] == eos).all() and (got[0, prompt:prompt + j] != eos).all()
@@ -217,7 +217,7 @@ def test_loop_stops_when_all_rows_done(greedy_run, monkeypatch):
     prompt = ids.shape[1]
     new = out[:, prompt:]
     eos = {int(new[r, _first_new_token_index(new[r], 2, MAX_NEW - 5)]) for r in range(2)}
-    expected = _truncate_at_eos(new, eos)
+    expected = _truncate_at_eos(new, eos, min(eos))
     finish = max(min(i for i, t in enumerate(row) if int(t) in eos) for row in new)
     assert finish < MAX_NEW - 2
 
@@ -243,8 +243,31 @@ def test_eos_on_first_token_skips_the_loop(tiny, tiny_greedy, monkeypatch):
     counter = _ForwardCounter(monkeypatch, tiny)
     got = np.asarray(generate(tiny, ids, 9, eos_token_id=[int(t) for t in first]))
     assert got.shape == (2, ids.shape[1] + 9)
-    np.testing.assert_array_equal(got[:, ids.shape[1]:], np.repeat(first[:, None], 9, axis=1))
+    np.testing.assert_array_equal(got[:, ids.shape[1]], first)
+    np.testing.assert_array_equal(got[:, ids.shape[1] + 1:], int(first[0]))  # the pad: the first eos id
     assert counter.runs() == 1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("pad", [None, 5])
+def test_eos_list_and_pad_match_hf(dense_pair, greedy_run, pad):
+    """Two eos ids that rows emit at different steps (as Qwen3's generation config lists two): finished rows hold
+    `pad_token_id`, by default the first eos id, as HF's `generate` (rows that ended on the second id repeated it);
+    HF stops early with a shorter output, ours keeps its shape and pads."""
+    hf, ours = dense_pair
+    _, ids, mask, out = greedy_run
+    prompt, new = ids.shape[1], out[:, ids.shape[1]:]
+    eos = [int(new[r, _first_new_token_index(new[r], 2, MAX_NEW - 5)]) for r in (1, 0)]
+    assert len(set(eos)) == 2
+    with torch.no_grad():
+        ref = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), max_new_tokens=MAX_NEW,
+                          do_sample=False, eos_token_id=eos, pad_token_id=eos[0] if pad is None else pad).numpy()
+    got = np.asarray(generate(ours, jnp.asarray(ids), MAX_NEW, attention_mask=jnp.asarray(mask),
+                              eos_token_id=eos, pad_token_id=pad))
+    assert ref.shape[1] < got.shape[1] == prompt + MAX_NEW
+    np.testing.assert_array_equal(got[:, :ref.shape[1]], ref)
+    np.testing.assert_array_equal(got[:, ref.shape[1]:], eos[0] if pad is None else pad)
+    assert any(int(t) == eos[1] for t in ref[:, prompt:].ravel()), "no row ended on the second eos id"
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -614,11 +637,12 @@ def _unchecked(fn):
         (dict(top_p=1.5), "top_p must be in"),
         (dict(top_p=0.0), "top_p must be in"),
         (dict(attention_mask=jnp.ones((2, 4), jnp.int32)), "attention_mask .* must match input_ids"),
+        (dict(eos_token_id=3, pad_token_id=64), r"pad_token_id must be an id in \[0, 64\), got 64"),
     ],
     ids=["float-ids", "1d-ids", "max-new-0", "max-new-neg", "neg-temperature", "nan-temperature", "empty-prompt",
          "right-padded", "hole-in-mask", "no-real-token", "no-key", "top-k-0",
          "top-k-too-big", "top-k-float", "max-new-bool", "id-past-vocab", "negative-real-id", "top-p-1.5", "top-p-0",
-         "mask-shape"],
+         "mask-shape", "pad-past-vocab"],
 )
 def test_bad_input_raises(tiny, kwargs, message):
     """Invalid arguments raise ValueError naming the problem, before anything is traced."""
@@ -659,6 +683,27 @@ def test_padding_slots_may_hold_any_id(tiny):
     out = _unchecked(generate)(tiny, padded.tolist(), np.int64(4), attention_mask=mask, top_k=np.int64(1))
     np.testing.assert_array_equal(np.asarray(out)[:, 5:], np.asarray(expected)[:, 5:])
     np.testing.assert_array_equal(np.asarray(out)[:, :5], padded)
+
+
+def test_mask_values_and_scalar_arguments_are_normalised(tiny):
+    """Any non-zero mask value marks a real token (a mask of 2s hid the prompt: every row decoded alike); a list
+    mask, a NumPy `top_p` (it reached the compiled call as a tracer) and `eos_token_id` under the caller's jit
+    (it was read back from a tracer) all work."""
+    ids = np.asarray([[0, 0, 5, 9, 3], [7, 1, 5, 9, 3]], np.int32)
+    mask = np.asarray([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int32)
+    expected = np.asarray(generate(tiny, jnp.asarray(ids), 4, attention_mask=jnp.asarray(mask)))
+    np.testing.assert_array_equal(np.asarray(generate(tiny, jnp.asarray(ids), 4, attention_mask=jnp.asarray(2 * mask))),
+                                  expected)
+    np.testing.assert_array_equal(np.asarray(_unchecked(generate)(tiny, ids, 4, attention_mask=mask.tolist())),
+                                  expected)
+    key = jax.random.key(3)
+    sampled = generate(tiny, jnp.asarray(ids), 4, 1.0, key, top_p=0.9)
+    np.testing.assert_array_equal(np.asarray(_unchecked(generate)(tiny, jnp.asarray(ids), 4, 1.0, key,
+                                                                  top_p=np.float64(0.9))), np.asarray(sampled))
+    eos = int(expected[0, 6])
+    eager = generate(tiny, jnp.asarray(ids), 4, eos_token_id=eos)
+    jitted = eqx.filter_jit(lambda m, i: generate(m, i, 4, eos_token_id=eos))(tiny, jnp.asarray(ids))
+    np.testing.assert_array_equal(np.asarray(jitted), np.asarray(eager))
 
 
 def test_bad_input_raises_under_the_type_hook(tiny):
