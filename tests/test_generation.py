@@ -192,7 +192,7 @@ class _ForwardCounter:
 @pytest.mark.slow
 def test_eos_repeats_and_prefix_equals_greedy(greedy_run):
     """With `eos_token_id` = a token greedy emits mid-way, each row equals the greedy run up to its first EOS
-    and repeats EOS afterwards (exact); int and list forms agree."""
+    and repeats EOS afterwards (the default pad; exact); int and list forms agree."""
     ours, ids, mask, out = greedy_run
     prompt = ids.shape[1]
     new = out[:, prompt:]
