@@ -57,6 +57,8 @@ def make_mesh(axes: Mapping[str, numbers.Integral], *, devices: Sequence[Any] | 
     if bad:
         raise ValueError(f"mesh axis sizes must be positive ints or -1, got {bad}")
     devices = list(jax.devices() if devices is None else devices)
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"make_mesh: devices must be distinct, got {devices}")
     sizes = {name: int(size) for name, size in axes.items()}
     fill = [name for name, size in sizes.items() if size == -1]
     if len(fill) > 1:
@@ -374,7 +376,14 @@ def shard_batch(batch: T, mesh: Mesh, rules: Rules | None = None) -> T:
         # the spec is chosen for rows from every process; jax infers the true global shape from the sharding
         rows = (leaf.shape[0] * processes, *leaf.shape[1:]) if leaf.ndim else ()
         sharding = NamedSharding(mesh, batch_spec(rows, mesh, rules))
-        return jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+        placed = jax.make_array_from_process_local_data(sharding, np.asarray(leaf))
+        if placed.shape != rows:  # rows not split over the processes: each one's would pass for the whole batch
+            raise ValueError(
+                f"shard_batch: {processes} processes x {leaf.shape[0]} rows = {rows[0]} rows do not split over the "
+                f"batch axes of mesh {dict(mesh.shape)} (spec {sharding.spec}); pass a per-process batch that "
+                f"makes the global batch divisible by them"
+            )
+        return placed
 
     return jax.tree.map(place, batch)
 
@@ -480,7 +489,7 @@ def expert_parallel(
     rules = DEFAULT_RULES if rules is None else rules
     mesh_shape = dict(mesh.shape)
     token_mask = jnp.ones(x.shape[:-1], bool) if token_mask is None else token_mask
-    x_spec = batch_spec(x.shape, mesh, rules)
+    x_spec = P(*batch_spec(x.shape[:-1], mesh, rules), None)
     token_axes = tuple(a for entry in x_spec for a in _entry_axes(entry))
     expert_axes = _dim_axes("experts", moe.num_experts, mesh_shape, rules, set())
     ep = expert_axes if expert_axes and set(expert_axes) <= set(token_axes) else None

@@ -7,7 +7,8 @@
   devices); parameters are really split (specs asserted leaf by leaf against the rules, and against
   hand-written expectations for the characteristic leaves); gradients come out sharded like the parameters;
   expert-parallel meshes compile to an all-to-all; a full AdamW training step runs sharded and keeps every
-  sharding; greedy `generate` on a sharded model gives the unsharded tokens.
+  sharding; greedy `generate` on a sharded model gives the unsharded tokens (also on a one-device mesh).
+- `shard_batch` across two CPU processes (gloo) assembles the global batch, or refuses rows that do not split.
 - The expert-parallel MoE layer alone (both compute paths, expert x tensor split) equals the plain layer in
   output, router statistics and gradients.
 - Mesh construction and rule resolution (fallbacks, stacked axes, errors) on abstract meshes; the Qwen3-0.6B
@@ -20,6 +21,7 @@
 import ast
 import inspect
 import math
+import os
 import re
 import subprocess
 import sys
@@ -333,6 +335,9 @@ def test_generate_on_a_sharded_model(kind):
     assert len(set(ref[:, 7:].ravel().tolist())) > 5, "degenerate greedy output: the test would be weak"
     out = em.generate(partitioning.shard(model, mesh), ids, 10, attention_mask=mask)
     np.testing.assert_array_equal(np.asarray(out), ref)
+    one = partitioning.make_mesh({"data": 1}, devices=jax.devices()[:1])  # a one-CPU host: layers as views
+    out = em.generate(partitioning.shard(model, one), ids, 10, attention_mask=mask, unroll_layers=True)
+    np.testing.assert_array_equal(np.asarray(out), ref)
 
 
 @pytest.mark.parametrize("impl", ["sorted", "dense"])
@@ -365,10 +370,54 @@ def test_expert_parallel_moe_layer(impl, getkey):
         assert_close(a, b, 1e-6, f"{impl} router {name}")
     for (path, a), (_, b) in zip(_leaves(g), _leaves(g_ref), strict=True):
         assert_close(a, b, 1e-5, f"{impl} grad {path}")
+    for axes in ({"expert": 4, "context": 2}, {"data": 8}):  # tokens as [tokens, embed] and one [embed] token
+        flat = partitioning.make_mesh(axes)
+        for tokens, token_mask in ((x.reshape(-1, 16), mask.reshape(-1)), (x[0, 0], mask[0, 0])):
+            y = eqx.filter_jit(lambda m, x, k: partitioning.expert_parallel(m, x, k, flat)[0])(moe, tokens, token_mask)
+            assert_close(y, moe(tokens, token_mask)[0], 1e-6, f"{impl} expert-parallel on {tokens.shape} over {axes}")
     data_only = partitioning.Rules(params=((".*", ()),), axes={"batch": ("data",), "length": ()})
     data_mesh = partitioning.make_mesh({"data": 2}, devices=jax.devices()[:2])
     y = eqx.filter_jit(lambda m, x: partitioning.expert_parallel(m, x, mask, data_mesh, data_only))(moe, x)[0]
     assert_close(y, y_ref, 1e-6, f"{impl} with rules that map no experts or mlp dimension")
+
+
+_SHARD_BATCH_PROCESS = """
+import sys
+import numpy as np, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from eqx_models import partitioning
+mesh = partitioning.make_mesh({"data": -1})
+rows = int(sys.argv[3])
+local = np.arange(rows * 4).reshape(rows, 4) + 1000 * jax.process_index()
+try:
+    batch = partitioning.shard_batch({"x": local}, mesh)["x"]
+except ValueError as e:
+    print("error:", e)
+else:
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    print("shape", batch.shape, "sum", int(jax.jit(lambda x: x[:, 0].sum(), out_shardings=replicated)(batch)))
+"""
+
+
+@pytest.mark.slow
+def test_shard_batch_assembles_the_global_batch_across_processes(tmp_path):
+    """Two CPU processes x 2 devices: 2 rows each make a global [4, 4] batch; 3 rows each (6 do not split over
+    data=4) are refused, not assembled into a [3, 4] array whose 'replicas' differ per process."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        address = f"localhost:{s.getsockname()[1]}"
+    script = tmp_path / "process.py"
+    script.write_text(_SHARD_BATCH_PROCESS)
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    for rows, expected in ((2, "shape (4, 4) sum 2008"), (3, "do not split over the batch axes")):
+        runs = [subprocess.Popen([sys.executable, str(script), address, str(i), str(rows)], env=env, text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+        outs = [run.communicate(timeout=300) for run in runs]
+        for run, (out, err) in zip(runs, outs, strict=True):
+            assert run.returncode == 0 and expected in out, (out, err[-2000:])
 
 
 # ---------------------------------------------------------------------------------------------- meshes, rules
@@ -391,6 +440,8 @@ def test_make_mesh():
         with pytest.raises(ValueError, match=re.escape(message)):
             partitioning.make_mesh(axes)
     assert dict(partitioning.make_mesh({"data": np.int64(8)}).shape)["data"] == 8
+    with pytest.raises(ValueError, match="devices must be distinct"):
+        partitioning.make_mesh({"data": 2}, devices=[jax.devices()[0]] * 2)
     assert partitioning.parse_mesh("data=2, fsdp=-1") == {"data": 2, "fsdp": -1}
     with pytest.raises(ValueError, match="name=size"):
         partitioning.parse_mesh("data:2")
