@@ -92,6 +92,21 @@ def test_forms_agree_with_float64_recurrence(rng, seq, chunk_size, key_heads, he
         assert_close(s, ref_s, 1e-5, f"{what}: final state")
 
 
+@pytest.mark.parametrize("chunk_size", [16, 64])
+def test_forms_stay_accurate_after_a_strong_forget(rng, chunk_size):
+    """A strong forget gate (g = -300, as trained Qwen3-Next layers have) puts the in-chunk cumsums near -300 to
+    -1000; the chunked forms add each span of g directly, so the decays of later positions stay as accurate as
+    the recurrence's (as differences of two cumsums they were off by up to 4e-5 relative)."""
+    q, k, v, g, beta, s0 = _inputs(rng, 2, 150, 2, 4)
+    g[:, 3::chunk_size // 2] = -300.0
+    g[:, 5::7] -= 40.0
+    ref_o, ref_s = _numpy_gdn(q, k, v, g, beta, s0)
+    for name in FORMS:
+        o, s = _form(name, chunk_size, initial_state=jnp.asarray(s0))(q, k, v, g, beta)
+        assert_close(o, ref_o, 1e-6, f"{name} C={chunk_size}: output")
+        assert_close(s, ref_s, 1e-6, f"{name} C={chunk_size}: final state")
+
+
 def test_custom_scale(rng):
     """`scale` replaces key_dim**-0.5 and multiplies q after the l2norm."""
     q, k, v, g, beta, _ = _inputs(rng, 1, 20, 2, 2)
