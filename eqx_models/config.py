@@ -48,6 +48,11 @@ def _rope_dict(data: Mapping[str, Any]) -> dict[str, Any]:
     return dict(rope)
 
 
+def _interval_layer_types(interval: int, layers: int) -> tuple[str, ...]:
+    """Qwen3-Next's pattern: every `interval`-th layer full attention, the others linear (Gated DeltaNet)."""
+    return tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention" for i in range(layers))
+
+
 def _check_runtime(cfg: Any) -> None:
     """The runtime choices every config shares: remat policy, attention kernel, dtypes."""
     if cfg.remat_policy not in REMAT_POLICIES:
@@ -407,9 +412,7 @@ class Qwen3NextConfig(Qwen3MoeConfig):
 
     def _default_layer_types(self) -> tuple[str, ...]:
         _positive(self, "full_attention_interval")
-        interval = self.full_attention_interval
-        return tuple("full_attention" if (i + 1) % interval == 0 else "linear_attention"
-                     for i in range(self.num_hidden_layers))
+        return _interval_layer_types(self.full_attention_interval, self.num_hidden_layers)
 
     @classmethod
     def from_hf_dict(cls, data: Mapping[str, Any], **overrides: Any) -> "Qwen3NextConfig":
@@ -424,8 +427,7 @@ class Qwen3NextConfig(Qwen3MoeConfig):
             if "full_attention_interval" not in data and "full_attention" in types:
                 # transformers saves only the types; keep the interval that gives them, so `replace` re-derives
                 interval = types.index("full_attention") + 1
-                if types == [("full_attention" if (i + 1) % interval == 0 else "linear_attention")
-                             for i in range(len(types))]:
+                if tuple(types) == _interval_layer_types(interval, len(types)):
                     data["full_attention_interval"] = interval
         return super().from_hf_dict(data, **overrides)
 

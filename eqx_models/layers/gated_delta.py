@@ -203,10 +203,11 @@ def _two_sum(a: Array, b: Array) -> tuple[Array, Array]:
     return total, (a - (total - b_part)) + (b - b_part)
 
 
-def _segment_sums(g: Array) -> Array:
-    """`S_ij = g_(j+1) + ... + g_i` over the last axis (a chunk), for i >= j. Taken as `G_i - G_j` of plain
-    in-chunk cumsums, a strong forget (g ~ -300) leaves both near -1e3 and the span off by ~1e-4 (the decays by
-    3e-5, relative); the cumsum is carried as an exact pair `hi + lo`, so the span keeps float32 accuracy."""
+def _in_chunk_sums(g: Array) -> tuple[Array, Array]:
+    """The cumsum `G` of `g` over the last axis (a chunk) and the spans `S_ij = g_(j+1) + ... + g_i` (for
+    i >= j). Taken as `G_i - G_j` of the plain cumsum, a strong forget (g ~ -300) leaves both near -1e3 and the span
+    off by ~1e-4 (the decays by 3e-5, relative); the cumsum is carried as an exact pair `hi + lo`, so the span keeps
+    float32 accuracy."""
 
     def combine(x, y):
         total, error = _two_sum(x[0], y[0])
@@ -214,7 +215,7 @@ def _segment_sums(g: Array) -> Array:
 
     hi, lo = jax.lax.associative_scan(combine, (g, jnp.zeros_like(g)), axis=-1)
     lo = jax.lax.stop_gradient(lo)  # a rounding error: the gradient is the plain cumsum's
-    return (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
+    return hi, (hi[..., :, None] - hi[..., None, :]) + (lo[..., :, None] - lo[..., None, :])
 
 
 def _decay_matrix(spans: Array, keep: Array) -> Array:
@@ -249,7 +250,7 @@ def naive_chunk_gated_delta_rule(
     def step(state, x):
         q, k, v, g, beta = x[:5]  # (batch, heads, chunk, ...)
         keep, carried, to_last = _chunk_masks(None if segments is None else x[5], chunk_size)
-        gc, spans = jnp.cumsum(g, axis=-1), _segment_sums(g)
+        gc, spans = _in_chunk_sums(g)
         gamma = _decay_matrix(spans, keep)
         k_beta, v_beta = k * beta[..., None], v * beta[..., None]
         # strictly lower part of the UT system; with the unit diagonal it is (I + A) u = beta v
@@ -291,7 +292,7 @@ def chunk_gated_delta_rule(
     """The chunked gated delta rule with all state-free work batched over chunks (the training path).
 
     Per chunk (positions i, j; `G` the in-chunk cumsum of `g`; `Gamma_ij = exp(G_i - G_j)` for j <= i, zero
-    across a reset, with `G_i - G_j` summed as its own span, `_segment_sums`): the WY factors
+    across a reset, with `G_i - G_j` summed as its own span, `_in_chunk_sums`): the WY factors
     `U = (I + A)^-1 (beta V)`, `W = (I + A)^-1 (beta exp(G) K)` with `A = strict_lower(beta_i (k_i . k_j) Gamma_ij)`,
     and the intra-chunk attention `(Q K^T) * Gamma`; then a scan over chunks with `V' = U - W S`,
     `O = (Q exp(G)) S + intra V'`, `S <- exp(G_last) S + (K exp(G_last - G))^T V'`. Same arguments and result as
@@ -310,7 +311,7 @@ def chunk_gated_delta_rule(
     segments = None if reset is None else _reset_segments(reset, chunk_size)
     keep, carried, to_last = _chunk_masks(segments, chunk_size)
 
-    gc, spans = jnp.cumsum(g, axis=-1), _segment_sums(g)
+    gc, spans = _in_chunk_sums(g)
     gamma = _decay_matrix(spans, keep)
     k_t = jnp.swapaxes(k, -1, -2)
     a = jnp.where(keep & ~jnp.eye(chunk_size, dtype=jnp.bool_), beta[..., None] * (k @ k_t) * gamma, 0.0)

@@ -175,8 +175,8 @@ def _host_views(stacked: Array) -> list[Array]:
     """`list(stacked)` without copying where jax allows it: `np.asarray` of a CPU array is its own memory, and
     `device_put` of an aligned view keeps that memory, holding `stacked`'s buffer (not donated while held)."""
     host = np.asarray(stacked)
-    placement = next(iter(stacked.sharding.device_set)) if stacked.committed else None  # not the stacked spec:
-    # on a one-device mesh it names the layer axis, which a layer lacks
+    # the device, not the stacked sharding: on a one-device mesh its spec names the layer axis, which a layer lacks
+    placement = next(iter(stacked.sharding.device_set)) if stacked.committed else None
     return [jax.device_put(layer, placement) for layer in host]
 
 
