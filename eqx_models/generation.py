@@ -83,6 +83,14 @@ def _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, t
         check_token_ids(np.asarray(input_ids)[real], vocab_size)
 
 
+def _eos_ids(eos_token_id: object, vocab_size: int) -> tuple[int, ...]:
+    ids = np.asarray(eos_token_id)
+    if ids.ndim > 1 or not ids.size or not np.issubdtype(ids.dtype, np.integer) or not (
+            (ids >= 0) & (ids < vocab_size)).all():
+        raise ValueError(f"eos_token_id must be an id or a list of ids in [0, {vocab_size}), got {eos_token_id!r}")
+    return tuple(int(e) for e in np.atleast_1d(ids))
+
+
 def generate(
     model: eqx.Module,
     input_ids: Int[Array, "batch prompt"],
@@ -128,7 +136,7 @@ def generate(
     input_ids = jnp.asarray(input_ids)
     attention_mask = None if attention_mask is None else jnp.asarray(attention_mask)
     _check(input_ids, attention_mask, max_new_tokens, temperature, key, top_k, top_p, vocab)
-    eos = () if eos_token_id is None else tuple(int(e) for e in np.atleast_1d(np.asarray(eos_token_id)))
+    eos = () if eos_token_id is None else _eos_ids(eos_token_id, vocab)
     if pad_token_id is None:
         pad_token_id = eos[0] if eos else 0
     elif not (is_a(pad_token_id, int) and 0 <= pad_token_id < vocab):

@@ -638,11 +638,15 @@ def _unchecked(fn):
         (dict(top_p=0.0), "top_p must be in"),
         (dict(attention_mask=jnp.ones((2, 4), jnp.int32)), "attention_mask .* must match input_ids"),
         (dict(eos_token_id=3, pad_token_id=64), r"pad_token_id must be an id in \[0, 64\), got 64"),
+        (dict(eos_token_id=64), r"eos_token_id must be an id or a list of ids in \[0, 64\), got 64"),
+        (dict(eos_token_id=[2, -1]), r"eos_token_id must be .*got \[2, -1\]"),
+        (dict(eos_token_id=2.5), r"eos_token_id must be .*got 2.5"),
+        (dict(eos_token_id=[]), r"eos_token_id must be .*got \[\]"),
     ],
     ids=["float-ids", "1d-ids", "max-new-0", "max-new-neg", "neg-temperature", "nan-temperature", "empty-prompt",
          "right-padded", "hole-in-mask", "no-real-token", "no-key", "top-k-0",
          "top-k-too-big", "top-k-float", "max-new-bool", "id-past-vocab", "negative-real-id", "top-p-1.5", "top-p-0",
-         "mask-shape", "pad-past-vocab"],
+         "mask-shape", "pad-past-vocab", "eos-past-vocab", "eos-negative", "eos-float", "eos-empty"],
 )
 def test_bad_input_raises(tiny, kwargs, message):
     """Invalid arguments raise ValueError naming the problem, before anything is traced."""
