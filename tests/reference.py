@@ -21,6 +21,16 @@ def assert_close(ours, ref, tol: float, what: str) -> float:
     return err
 
 
+def bf16_ulps(ours, ref) -> np.ndarray:
+    """Distance in bf16 ulps between two arrays of bf16-representable values."""
+
+    def ordered(a):
+        i = np.asarray(a, np.float32).view(np.int32).astype(np.int64)
+        return np.where(i < 0, -(i & 0x7FFFFFFF), i)
+
+    return np.abs(ordered(ours) - ordered(ref)) >> 16
+
+
 def lowered_for_an_h100(trace) -> str:
     """The StableHLO text of `trace()`, a `jax.jit(...).trace(...)`, lowered for CUDA as for an H100, on any
     machine. Pallas's Triton lowering reads the compute capability from the abstract mesh's device (jax >= 0.11

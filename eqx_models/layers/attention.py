@@ -19,6 +19,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 from eqx_models.layers.embeddings import RotaryEmbedding
 from eqx_models.layers.kv_cache import KVCache
 from eqx_models.layers.linear import Linear
+from eqx_models.layers.mlp import get_activation
 from eqx_models.layers.norms import L2Norm, RMSNorm
 
 __all__ = [
@@ -602,5 +603,5 @@ class Attention(eqx.Module):
             )
         attended = checkpoint_name(attended, "context")
         if gate is not None:
-            attended = attended * jax.nn.sigmoid(gate)
+            attended = attended * get_activation("sigmoid")(gate)
         return checkpoint_name(self.out(attended), "out_proj"), cache

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from eqx_models.layers.linear import cast_broadcast
+from eqx_models.layers.linear import at_least_float32, cast_broadcast
 
 
 class DepthwiseCausalConv1D(eqx.Module):
@@ -121,8 +121,11 @@ class Conv2d(eqx.Module):
         if x.shape[-1] != self.kernel.shape[2]:
             raise ValueError(f"Conv2d expects {self.kernel.shape[2]} input channels, got shape {x.shape}")
         p, stride = self.padding, (self.stride, self.stride)
+        wide = self.dtype if self.bias is None else at_least_float32(self.dtype)
         y = jax.lax.conv_general_dilated(
             x.astype(self.dtype), self.kernel.astype(self.dtype), stride, ((p, p), (p, p)),
-            dimension_numbers=("NHWC", "HWIO", "NHWC"),
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), preferred_element_type=wide,
         )
-        return y if self.bias is None else y + cast_broadcast(self.bias, y.shape, self.dtype)
+        if self.bias is None:
+            return y
+        return (y + cast_broadcast(self.bias, y.shape, self.dtype).astype(wide)).astype(self.dtype)

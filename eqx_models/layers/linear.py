@@ -17,6 +17,11 @@ def _as_tuple(features: int | tuple[int, ...]) -> tuple[int, ...]:
     return features
 
 
+def at_least_float32(dtype: DTypeLike) -> jnp.dtype:
+    """float32 for the half-precision dtypes, else `dtype` itself: where one rounding at the end is wanted."""
+    return max(jnp.dtype(dtype), jnp.dtype(jnp.float32), key=lambda d: d.itemsize)
+
+
 def cast_broadcast(param: Array, shape: tuple[int, ...], dtype: DTypeLike) -> Array:
     """`param` broadcast to `shape`, then cast to `dtype`: the values of casting first, but the gradient's sum
     over the broadcast axes runs in `param`'s dtype. Summed in bf16, a norm scale's or bias's gradient over a
@@ -86,9 +91,11 @@ class Linear(eqx.Module):
         if x.shape[x.ndim - n_in :] != self.in_features:
             raise ValueError(f"Linear expects trailing dims {self.in_features}, got input shape {x.shape}")
         x_axes = tuple(range(x.ndim - n_in, x.ndim))
-        y = jax.lax.dot_general(
-            x.astype(self.dtype), self.kernel.astype(self.dtype), ((x_axes, tuple(range(n_in))), ((), ()))
-        )
-        if self.bias is not None:
-            y = y + cast_broadcast(self.bias, y.shape, self.dtype)
-        return y
+        dims = ((x_axes, tuple(range(n_in))), ((), ()))
+        if self.bias is None:
+            return jax.lax.dot_general(x.astype(self.dtype), self.kernel.astype(self.dtype), dims)
+        # the bias joins the float32 product and the sum is rounded once, as torch's nn.Linear
+        wide = at_least_float32(self.dtype)
+        y = jax.lax.dot_general(x.astype(self.dtype), self.kernel.astype(self.dtype), dims,
+                                preferred_element_type=wide)
+        return (y + cast_broadcast(self.bias, y.shape, self.dtype).astype(wide)).astype(self.dtype)

@@ -9,17 +9,23 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from eqx_models.layers.linear import Linear
+from eqx_models.layers.linear import Linear, at_least_float32
+
+def _in_float32(fn: Callable[[Array], Array]) -> Callable[[Array], Array]:
+    """`fn` computed in float32 and rounded once to the input's dtype, as torch's bf16 kernels do (XLA rounds
+    bf16 after every step of silu/gelu/sigmoid: up to 9 ulp off)."""
+    return lambda x: fn(x.astype(at_least_float32(x.dtype))).astype(x.dtype)
+
 
 _ACTIVATIONS: dict[str, Callable[[Array], Array]] = {
-    "silu": jax.nn.silu,
-    "swish": jax.nn.silu,
-    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
-    "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
-    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": _in_float32(jax.nn.silu),
+    "swish": _in_float32(jax.nn.silu),
+    "gelu": _in_float32(lambda x: jax.nn.gelu(x, approximate=False)),
+    "gelu_tanh": _in_float32(lambda x: jax.nn.gelu(x, approximate=True)),
+    "gelu_pytorch_tanh": _in_float32(lambda x: jax.nn.gelu(x, approximate=True)),
+    "gelu_new": _in_float32(lambda x: jax.nn.gelu(x, approximate=True)),
     "relu": jax.nn.relu,
-    "sigmoid": jax.nn.sigmoid,
+    "sigmoid": _in_float32(jax.nn.sigmoid),
     "linear": lambda x: x,
 }
 

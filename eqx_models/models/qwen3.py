@@ -445,7 +445,7 @@ class Qwen3NextSparseMoeBlock(eqx.Module):
         self, x: Float[Array, "batch seq embed"], token_mask: Bool[Array, "batch seq"] | None = None
     ) -> tuple[Float[Array, "batch seq embed"], RouterStats]:
         routed, stats = self.experts(x, token_mask)
-        gate = jax.nn.sigmoid(self.shared_expert_gate(x)).astype(jnp.float32)
+        gate = get_activation("sigmoid")(self.shared_expert_gate(x)).astype(jnp.float32)
         shared = self.shared_expert(x)
         return routed + (gate * shared.astype(jnp.float32)).astype(shared.dtype), stats
 

@@ -263,7 +263,7 @@ class Qwen3OmniMoeVisionPatchMerger(eqx.Module):
             h = self.ln_q(x.reshape(-1, self.merged_size))
         else:
             h = self.ln_q(x).reshape(-1, self.merged_size)
-        return self.mlp_2(jax.nn.gelu(self.mlp_0(h), approximate=False))
+        return self.mlp_2(get_activation("gelu")(self.mlp_0(h)))
 
 
 class Qwen3OmniMoeVisionProjector(eqx.Module):
@@ -576,7 +576,7 @@ class Qwen3OmniAudioEncoder(eqx.Module):
         frames = jnp.concatenate([frames, jnp.zeros_like(frames[:1])], axis=0)
         x = jnp.swapaxes(frames[plan.chunk_index], 1, 2)[..., None]  # (chunks, mel, time, 1): NHWC, H = mel
         for conv in (self.conv2d1, self.conv2d2, self.conv2d3):
-            x = jax.nn.gelu(conv(x), approximate=False)
+            x = get_activation("gelu")(conv(x))
         chunks, mel_out, time_out, channels = x.shape
         # HF flattens (channels, mel) with channels major: feature = c * mel_out + f
         x = self.conv_out(jnp.transpose(x, (0, 2, 3, 1)).reshape(chunks, time_out, channels * mel_out))

@@ -11,7 +11,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
 from transformers.models.qwen3_next import modeling_qwen3_next as hf_next
 
 from eqx_models.layers import GatedRMSNorm, L2Norm, LayerNorm, RMSNorm, l2norm
-from tests.reference import assert_close, max_rel_err
+from tests.reference import assert_close, bf16_ulps, max_rel_err
 
 SHAPES = [(3, 64), (2, 5, 4, 16)]  # hidden 64; (batch, seq, heads, head_dim) for per-head q/k-norm
 SHAPE_IDS = ["hidden64", "per_head"]
@@ -29,16 +29,6 @@ def _hf(module, *args):
 def _set_weight(module, w):
     with torch.no_grad():
         module.weight.copy_(torch.from_numpy(w))
-
-
-def _bf16_ulps(ours, ref) -> np.ndarray:
-    """Distance in bf16 ulps between two arrays of bf16-representable float32 values."""
-
-    def ordered(a):
-        i = np.asarray(a, np.float32).view(np.int32).astype(np.int64)
-        return np.where(i < 0, -(i & 0x7FFFFFFF), i)
-
-    return np.abs(ordered(ours) - ordered(ref)) >> 16
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=SHAPE_IDS)
@@ -112,7 +102,7 @@ def test_gated_rmsnorm_bf16_matches_qwen3_next_gated_bf16(rng):
     ours_mod = eqx.tree_at(lambda m: m.scale, ours_mod, jnp.asarray(w.float().numpy(), jnp.bfloat16))
     ours = ours_mod(*(jnp.asarray(t.float().numpy(), jnp.bfloat16) for t in (x, gate)))
     assert ours.dtype == jnp.bfloat16
-    ulps = _bf16_ulps(np.asarray(ours, np.float32), ref.float().numpy())
+    ulps = bf16_ulps(np.asarray(ours, np.float32), ref.float().numpy())
     print(f"bf16 GatedRMSNorm: max {ulps.max()} ulp, {np.count_nonzero(ulps)}/{ulps.size} elements differ")
     assert ulps.max() <= 2
     assert np.count_nonzero(ulps) <= ulps.size // 100
@@ -172,7 +162,7 @@ def test_layernorm_bf16_matches_torch_bf16(rng, use_bias):
     rstd = 1 / np.sqrt(((x64 - mean) ** 2).mean(-1, keepdims=True) + 1e-5)
     magnitude = (np.abs(x64) + np.abs(mean)) * rstd * np.abs(w64) + np.abs(b64)
     well = np.abs((x64 - mean) * rstd * w64 + b64) >= 2.0**-10 * magnitude
-    ulps = _bf16_ulps(ours, ref)[well]
+    ulps = bf16_ulps(ours, ref)[well]
     print(f"bf16 LayerNorm bias={use_bias}: max {ulps.max()} ulp, {np.count_nonzero(ulps)}/{ulps.size} differ; "
           f"{np.count_nonzero(~well)} cancelling outputs")
     assert ulps.max() <= 1
@@ -232,7 +222,7 @@ def test_rmsnorm_bf16_matches_hf_bf16(rng, offset, shape):
     ours_mod = eqx.tree_at(lambda m: m.scale, ours_mod, jnp.asarray(w.float().numpy(), jnp.bfloat16))
     ours = ours_mod(jnp.asarray(x.float().numpy(), jnp.bfloat16))
     assert ours.dtype == jnp.bfloat16 and ours_mod.scale.dtype == jnp.bfloat16
-    ulps = _bf16_ulps(np.asarray(ours, np.float32), ref.float().numpy())
+    ulps = bf16_ulps(np.asarray(ours, np.float32), ref.float().numpy())
     print(
         f"bf16 RMSNorm offset={offset} {shape}: max {ulps.max()} ulp, "
         f"{np.count_nonzero(ulps)}/{ulps.size} elements differ"
