@@ -16,6 +16,7 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
+from eqx_models.config import is_a
 from eqx_models.layers.embeddings import RotaryEmbedding
 from eqx_models.layers.kv_cache import KVCache
 from eqx_models.layers.linear import Linear
@@ -148,10 +149,11 @@ class AttentionMask(eqx.Module):
 def _check_attention_type(attention_type: str, sliding_window: int | None, chunk_size: int | None) -> None:
     if attention_type not in _ATTENTION_TYPES:
         raise ValueError(f"attention_type must be one of {_ATTENTION_TYPES}, got {attention_type!r}")
-    if attention_type == "local_sliding" and (sliding_window is None or sliding_window < 1):
-        raise ValueError(f"local_sliding attention needs sliding_window >= 1, got {sliding_window}")
-    if attention_type == "chunk" and (chunk_size is None or chunk_size < 1):
-        raise ValueError(f"chunk attention needs chunk_size >= 1, got {chunk_size}")
+    for name, size, user in (("sliding_window", sliding_window, "local_sliding"), ("chunk_size", chunk_size, "chunk")):
+        if attention_type == user and not (is_a(size, int) and size >= 1):
+            raise ValueError(f"{user} attention needs {name} >= 1 (an int), got {size!r}")
+        if attention_type != user and size is not None:
+            raise ValueError(f"{name} applies to {user!r} attention only, not {attention_type!r} (got {size!r})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -188,10 +190,16 @@ def dot_product_attention(
     if heads % kv_heads:
         raise ValueError(f"query heads ({heads}) must be a multiple of key/value heads ({kv_heads})")
     lengths = (query.shape[1], key.shape[1])
+    if not lengths[0]:
+        raise ValueError(f"attention needs at least one query, got query shape {query.shape}")
     if isinstance(mask, AttentionMask) and (mask.q_index.shape[0], mask.kv_index.shape[0]) != lengths:
         raise ValueError(f"mask is for (queries, keys) = {(mask.q_index.shape[0], mask.kv_index.shape[0])}, "
                          f"attention has {lengths}")
-    if query.shape[1] > 1:
+    if not isinstance(mask, AttentionMask) and (mask.ndim != 3 or mask.shape[1:] != lengths
+                                                or mask.shape[0] not in (1, query.shape[0])):
+        raise ValueError(f"a dense mask must be [batch, queries, keys] = [{query.shape[0]}, {lengths[0]}, "
+                         f"{lengths[1]}] (batch may be 1), got {list(mask.shape)}")
+    if query.shape[1] != 1:
         key, value = jnp.moveaxis(key, 1, 2), jnp.moveaxis(value, 1, 2)
     options = dict(scale=scale, logits_soft_cap=logits_soft_cap, sinks=sinks, float32_qk_product=float32_qk_product)
     if isinstance(mask, AttentionMask):

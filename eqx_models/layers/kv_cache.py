@@ -106,6 +106,8 @@ class KVCache(eqx.Module):
             raise ValueError(
                 f"new keys {key.shape} / values {value.shape} do not fit a cache of shape {self.key.shape}"
             )
+        if segment_ids.shape != key.shape[:2]:
+            raise ValueError(f"segment_ids {segment_ids.shape} must be [batch, seq] of the new keys {key.shape}")
         if seq > self.max_length:
             raise ValueError(f"KV cache is full: cannot write {seq} tokens into max_length={self.max_length}")
         end_index = self.end_index

@@ -2,6 +2,7 @@
 `Qwen2Attention`, cache consistency, masks and kernel features (output bias, dropout included) vs float64 NumPy
 attention, kernel selection, bad-input errors."""
 
+import inspect
 import math
 
 import equinox as eqx
@@ -17,6 +18,7 @@ from transformers.models.qwen3.modeling_qwen3 import Qwen3Attention, Qwen3Rotary
 from transformers.models.qwen3_next.modeling_qwen3_next import Qwen3NextAttention, Qwen3NextRotaryEmbedding
 
 from eqx_models.layers.attention import (
+    _check_attention_type,
     Attention,
     AttentionMask,
     cudnn_attention,
@@ -841,10 +843,16 @@ def test_bad_construction_raises(getkey):
         Attention(E, H, 2, D, rotary=RotaryEmbedding(32), key=getkey())
     with pytest.raises((ValueError, jaxtyping.TypeCheckError), match="attention_type"):
         Attention(E, H, 2, D, attention_type="sliding", key=getkey())
-    with pytest.raises(ValueError, match="local_sliding attention needs sliding_window >= 1, got None"):
+    with pytest.raises(ValueError, match=r"local_sliding attention needs sliding_window >= 1 \(an int\), got None"):
         Attention(E, H, 2, D, attention_type="local_sliding", key=getkey())
-    with pytest.raises(ValueError, match="chunk attention needs chunk_size >= 1, got 0"):
+    with pytest.raises(ValueError, match="chunk attention needs chunk_size >= 1 \\(an int\\), got 0"):
         Attention(E, H, 2, D, attention_type="chunk", chunk_size=0, key=getkey())
+    with pytest.raises(ValueError, match=r"local_sliding attention needs sliding_window >= 1 \(an int\), got 2.5"):
+        inspect.unwrap(_check_attention_type)("local_sliding", 2.5, None)  # what callers without the hook reach
+    with pytest.raises(ValueError, match="sliding_window applies to 'local_sliding' attention only, not 'global'"):
+        Attention(E, H, 2, D, sliding_window=3, key=getkey())
+    with pytest.raises(ValueError, match="chunk_size applies to 'chunk' attention only, not 'local_sliding'"):
+        Attention(E, H, 2, D, attention_type="local_sliding", sliding_window=2, chunk_size=3, key=getkey())
     with pytest.raises(ValueError, match="fused_qkv cannot be combined with share_kv_projections or output_gate"):
         Attention(E, H, 2, D, fused_qkv=True, output_gate=True, key=getkey())
     with pytest.raises(ValueError, match=r"dropout_rate must be in \[0, 1\), got 1.0"):
@@ -879,6 +887,24 @@ def test_attention_mask_of_other_lengths_raises():
     mask = AttentionMask.build(jnp.ones((1, 600), jnp.int32))
     with pytest.raises(ValueError, match=r"mask is for \(queries, keys\) = \(600, 600\), attention has \(520, 520\)"):
         dot_product_attention(q, kv, kv, mask, scale=1.0)
+
+
+def test_bad_dense_mask_empty_query_and_cache_segments_raise():
+    """Checks that hold without the jaxtyping hook (the undecorated functions): a 2-D `[q, kv]` mask, which
+    broadcast over the key/value heads when q == kv_heads and silently masked head r for query r; zero queries
+    (a ZeroDivisionError before); segment ids not `[batch, seq]` of the keys written to a cache, whose extra
+    tokens were left in segment 0, unseen by later queries."""
+    attention = inspect.unwrap(dot_product_attention)
+    q, kv = jnp.ones((1, 2, 4, 8)), jnp.ones((1, 6, 2, 8))
+    with pytest.raises(ValueError, match=r"a dense mask must be \[batch, queries, keys\] = \[1, 2, 6\].*got \[2, 6\]"):
+        attention(q, kv, kv, jnp.ones((2, 6), bool), scale=1.0)
+    with pytest.raises(ValueError, match=r"got \[1, 2, 5\]"):
+        attention(q, kv, kv, jnp.ones((1, 2, 5), bool), scale=1.0)
+    with pytest.raises(ValueError, match=r"attention needs at least one query, got query shape \(1, 0, 4, 8\)"):
+        attention(q[:, :0], kv, kv, jnp.ones((1, 0, 6), bool), scale=1.0)
+    update = inspect.unwrap(KVCache.update)
+    with pytest.raises(ValueError, match=r"segment_ids \(1, 1\) must be \[batch, seq\] of the new keys \(1, 6, 2, 8\)"):
+        update(KVCache.init(1, 8, 2, 8), kv, kv, jnp.ones((1, 1), jnp.int32))
 
 
 def test_cache_overflow_raises_eagerly_and_under_jit(getkey, rng):
