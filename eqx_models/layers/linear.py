@@ -2,6 +2,7 @@
 
 import functools
 import math
+import numbers
 
 import equinox as eqx
 import jax
@@ -10,11 +11,11 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
-def _as_tuple(features: int | tuple[int, ...]) -> tuple[int, ...]:
-    features = (features,) if isinstance(features, int) else tuple(features)
-    if not features or any(not isinstance(f, int) or f <= 0 for f in features):
+def _as_tuple(features: object) -> tuple[int, ...]:
+    features = (features,) if isinstance(features, numbers.Integral) else tuple(features)
+    if not features or any(not isinstance(f, numbers.Integral) or isinstance(f, bool) or f <= 0 for f in features):
         raise ValueError(f"feature sizes must be positive ints, got {features}")
-    return features
+    return tuple(int(f) for f in features)
 
 
 def at_least_float32(dtype: DTypeLike) -> jnp.dtype:

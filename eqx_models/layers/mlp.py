@@ -69,7 +69,7 @@ class MLP(eqx.Module):
         k_in, k_out = jax.random.split(key)
         common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype)
         self.wi = Linear(in_features, (len(self.activations), hidden_features), key=k_in, **common)
-        self.wo = Linear(hidden_features, out_features or in_features, key=k_out, **common)
+        self.wo = Linear(hidden_features, in_features if out_features is None else out_features, key=k_out, **common)
 
     def __call__(self, x: Float[Array, "*batch embed"]) -> Float[Array, "*batch out"]:
         h = checkpoint_name(self.wi(x), "mlpwi")

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from eqx_models.layers import Linear
-from eqx_models.layers.linear import scaled_normal
+from eqx_models.layers import MLP, Linear
+from eqx_models.layers.linear import _as_tuple, scaled_normal
 from tests.reference import assert_close, bf16_ulps
 
 IN_OUT = [((64,), (4, 16)), ((4, 16), (64,)), ((2, 3), (5, 7))]
@@ -173,3 +173,15 @@ def test_bad_feature_sizes_raise(getkey, bad):
         Linear(bad, 4, key=getkey())
     with pytest.raises(ValueError):
         Linear(4, bad, key=getkey())
+
+
+def test_numpy_int_feature_sizes_build_without_the_hook(getkey):
+    """A NumPy int (a size read from an array) is a size like an int; `Linear(np.int64(8), 4)` raised "not
+    iterable" and an MLP with out_features=0 silently built an in_features-wide output."""
+    for sizes, expected in [(np.int64(8), (8,)), ((np.int32(2), 3), (2, 3))]:
+        got = _as_tuple(sizes)  # what Linear's constructor calls, reached with NumPy ints without the hook
+        assert got == expected and all(type(f) is int for f in got)
+    with pytest.raises(ValueError, match=r"feature sizes must be positive ints, got \(True,\)"):
+        _as_tuple(True)
+    with pytest.raises(ValueError, match=r"feature sizes must be positive ints, got \(0,\)"):
+        MLP(8, 4, out_features=0, key=getkey())
