@@ -374,20 +374,20 @@ class _Stored(NamedTuple):
 
 
 class _SafetensorsReader:
-    """Tensors of a checkpoint directory, as transformers finds them: the shards `model.safetensors.index.json`
-    names, else `model.safetensors` (other safetensors files are ignored). Each file is checked by `safe_open`
+    """Tensors of a checkpoint directory, as transformers finds them: `model.safetensors`, else the shards
+    `model.safetensors.index.json` names (other safetensors files are ignored). Each file is checked by `safe_open`
     once and memory-mapped, and a tensor is read as a view of the mapping: the only copy made of it is the one
     into the model's buffer."""
 
     def __init__(self, path: Path):
         index = path / INDEX_FILE
-        if index.exists():
+        if (path / WEIGHTS_FILE).exists():
+            files, weight_map = [WEIGHTS_FILE], None
+        elif index.exists():
             weight_map = read_json(index).get("weight_map")
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise ValueError(f"{index} has no weight_map object (tensor name -> shard file name)")
             files = sorted(set(weight_map.values()))
-        elif (path / WEIGHTS_FILE).exists():
-            files, weight_map = [WEIGHTS_FILE], None
         else:
             raise FileNotFoundError(f"no {WEIGHTS_FILE} or {INDEX_FILE} in {path}")
         self.stored: dict[str, _Stored] = {}
@@ -655,11 +655,13 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, 
 def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
     """Writes config.json and safetensors in the HF layout (sharded with an index above `max_shard_bytes`).
 
-    The files are written into a hidden folder inside `out_dir` and moved into place once all are written (the
-    weights, then an earlier checkpoint's other shards are removed, then the config), so a failure or a kill
-    while writing leaves any previous checkpoint as it was; a staging folder left by a killed save is removed by
-    the next. `out_dir` itself is kept (it may be the working directory or a mount point, and keeps its owner
-    and mode), and so are its other entries (tokenizer files, a README, folders).
+    The files are written into a hidden folder inside `out_dir`; once all are written, an earlier checkpoint's
+    files (config.json first) are moved aside into it and the new ones moved in (config.json last). A failure
+    or Ctrl-C at any point leaves the previous checkpoint as it was; a kill while writing does too, and a kill
+    during the renames leaves no config.json, never a mix of two checkpoints (the previous files stay in the
+    staging folder, which the next save removes). `out_dir` itself is kept (it may be the working directory or
+    a mount point, and keeps its owner and mode), and so are its other entries (tokenizer files, a README,
+    folders).
     """
     cfg = model.config
     if cfg.model_type not in MODELS:
@@ -680,17 +682,26 @@ def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_
     for leftover in out_dir.glob(f"{_STAGING}*"):
         shutil.rmtree(leftover, ignore_errors=True)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=out_dir))
+    previous = staging / "previous"
+    moved_aside, moved_in = [], []
     try:
         (staging / CONFIG_FILE).write_text(json.dumps(cfg.to_hf_dict(), indent=2, sort_keys=True) + "\n")
         _write_shards(tensors, staging, max_shard_bytes)
-        weights = [name for name in os.listdir(staging) if name != CONFIG_FILE]
-        for name in weights:
+        # config.json leaves first and comes last, so whenever it is there the files are all old or all new
+        new = sorted(os.listdir(staging), key=lambda name: (name == CONFIG_FILE, name == INDEX_FILE, name))
+        old = sorted((name for name in os.listdir(out_dir) if is_checkpoint_file(name)), key=lambda n: n != CONFIG_FILE)
+        previous.mkdir()
+        for name in old:
+            os.replace(out_dir / name, previous / name)
+            moved_aside.append(name)
+        for name in new:
             os.replace(staging / name, out_dir / name)
-        for name in os.listdir(out_dir):
-            if is_checkpoint_file(name) and name not in weights and name != CONFIG_FILE:
-                (out_dir / name).unlink()
-        os.replace(staging / CONFIG_FILE, out_dir / CONFIG_FILE)
+            moved_in.append(name)
     except BaseException:
+        for name in moved_in:
+            (out_dir / name).unlink(missing_ok=True)
+        for name in reversed(moved_aside):
+            os.replace(previous / name, out_dir / name)
         if created:
             shutil.rmtree(out_dir, ignore_errors=True)
         raise

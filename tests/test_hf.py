@@ -363,13 +363,18 @@ def test_stray_safetensors_file_is_ignored(saved):
     _assert_same_params(em.from_pretrained(path), model)
 
 
-def test_sharded_checkpoint_reads_only_the_indexed_shards(tmp_path):
-    """With an index, only the shards it names are read: a leftover `model.safetensors` is ignored."""
-    model = _random_model(_cfg(moe=False))
-    em.save_pretrained(model, tmp_path, max_shard_bytes=20_000)
-    zeros = {k: np.zeros_like(v) for s in tmp_path.glob("model-*.safetensors") for k, v in load_file(s).items()}
-    save_file(zeros, tmp_path / "model.safetensors", metadata={"format": "pt"})
-    _assert_same_params(em.from_pretrained(tmp_path), model)
+def test_single_file_wins_over_an_index_as_in_transformers(tmp_path):
+    """A folder with both `model.safetensors` and an index (HF's `save_pretrained` leaves one when a sharded save
+    follows a single-file one) loads the single file, as transformers does; the index's shards were read before."""
+    indexed, single = _random_model(_cfg(moe=False), seed=1), _random_model(_cfg(moe=False), seed=2)
+    em.save_pretrained(indexed, tmp_path, max_shard_bytes=20_000)
+    em.save_pretrained(single, tmp_path / "single")
+    (tmp_path / "single" / "model.safetensors").rename(tmp_path / "model.safetensors")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    ours = em.from_pretrained(tmp_path)
+    _assert_same_params(ours, single)
+    embedding = _hf_load(tmp_path, moe=False).model.embed_tokens.weight.detach().numpy()
+    np.testing.assert_array_equal(np.asarray(ours.transformer.embed.embedding), embedding)
 
 
 @pytest.mark.parametrize(
@@ -654,6 +659,36 @@ def test_failed_move_into_place_keeps_the_folder(tmp_path, monkeypatch):
     assert _files(out) == before
     assert sorted(os.listdir(out)) == ["README.md", "config.json", "model.safetensors", "notes", "tokenizer.json"]
     _assert_same_params(em.from_pretrained(out), old)
+
+
+@pytest.mark.parametrize("failing_move", [0, 3, 10, 15], ids=["old-config", "old-file", "new-shard", "new-config"])
+@pytest.mark.parametrize("error", [OSError, KeyboardInterrupt])
+def test_interrupted_swap_of_sharded_checkpoints_restores_the_old_one(tmp_path, monkeypatch, failing_move, error):
+    """Saving sharded over sharded (the same shard names): a rename failing or Ctrl-C at any point of the swap
+    leaves the old checkpoint whole. Before, the shards were replaced one by one under the old index and config,
+    and an interruption after the first left a mix that loaded without an error."""
+    old, new = _random_model(_cfg(moe=False), seed=1), _random_model(_cfg(moe=False), seed=2)
+    out = tmp_path / "ckpt"
+    em.save_pretrained(old, out, max_shard_bytes=20_000)
+    _unrelated_entries(out)
+    before = _files(out)
+    assert len([name for name in before if name.startswith("model-")]) == 6
+    real_replace, moves = os.replace, []
+
+    def interrupted(src, dst):
+        moves.append(dst)
+        if len(moves) == failing_move + 1:
+            raise error("interrupted")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(hf_io.os, "replace", interrupted)
+    with pytest.raises(error, match="interrupted"):
+        em.save_pretrained(new, out, max_shard_bytes=20_000)
+    monkeypatch.undo()
+    assert len(moves) > failing_move and _files(out) == before  # of 16 moves: 8 files aside, 8 in
+    _assert_same_params(em.from_pretrained(out), old)
+    em.save_pretrained(new, out, max_shard_bytes=20_000)
+    _assert_same_params(em.from_pretrained(out), new)
 
 
 def test_save_writes_into_the_folder_itself(tmp_path, monkeypatch):
