@@ -666,6 +666,8 @@ def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_
     cfg = model.config
     if cfg.model_type not in MODELS:
         raise ValueError(f"save_pretrained does not support model_type {cfg.model_type!r}")
+    if model.transformer.unrolled:  # the rules address the stacked layout
+        model = eqx.tree_at(lambda m: m.transformer, model, model.transformer.stacked())
     rules = MODELS[cfg.model_type][2](cfg, _leaf_paths(model))
     leaves = {
         jax.tree_util.keystr(p): np.asarray(leaf)  # a view on CPU; one host copy of each leaf on an accelerator

@@ -292,6 +292,18 @@ def test_sharded_save_holds_one_shard_at_a_time(tmp_path):
     _assert_same_params(em.from_pretrained(tmp_path), model)
 
 
+@pytest.mark.parametrize("moe", [False, True], ids=["dense", "moe"])
+def test_unrolled_model_saves_as_the_stacked_one(tmp_path, moe):
+    """A model unrolled for decoding (as `generate`'s docstring shows) saves the same files as the stacked model
+    (it raised AttributeError: 'tuple' object has no attribute 'attention'); `stacked` inverts `unroll`."""
+    model = _random_model(_cfg(moe))
+    unrolled = eqx.tree_at(lambda m: m.transformer, model, model.transformer.unroll())
+    _assert_same_params(eqx.tree_at(lambda m: m.transformer, unrolled, unrolled.transformer.stacked()), model)
+    em.save_pretrained(model, tmp_path / "stacked")
+    em.save_pretrained(unrolled, tmp_path / "unrolled")
+    assert _files(tmp_path / "unrolled") == _files(tmp_path / "stacked")
+
+
 def test_save_bfloat16_model(tmp_path):
     """A bf16 model (param_dtype bfloat16) is saved as bf16 tensors with config.json `dtype: bfloat16` (the key
     transformers 5 writes and reads), so HF's default `dtype="auto"` loads bf16 parameters, and we load it back

@@ -245,6 +245,14 @@ class Transformer(eqx.Module):
         )
         return eqx.tree_at(lambda t: t.blocks, self, blocks)
 
+    def stacked(self) -> "Transformer":
+        """The inverse of `unroll`: each pattern position's layers stacked along a leading axis again (a copy)."""
+        if not self.unrolled:
+            return self
+        static = eqx.partition(self.blocks[0], eqx.is_array)[1]
+        arrays = jax.tree.map(lambda *layers: jnp.stack(layers), *(eqx.filter(b, eqx.is_array) for b in self.blocks))
+        return eqx.tree_at(lambda t: t.blocks, self, eqx.combine(arrays, static))
+
     def stack_cache(self, per_position: tuple) -> tuple:
         """Empty caches laid out for `forward`, from one cache per pattern position: stacked over the repeats
         (a leading axis, like the parameters), or one tuple per repeat when `unrolled`."""

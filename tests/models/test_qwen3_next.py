@@ -159,6 +159,11 @@ def test_our_save_loads_in_hf(tmp_path, case):
     assert_close(_logits(ours, jnp.asarray(ids, jnp.int32)), ref, 1e-5, f"{name}: our save -> HF load")
     again = em.from_pretrained(tmp_path / "out")
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(ours), jax.tree.leaves(again)))
+    # a model unrolled for decoding saves the same files (it raised AttributeError)
+    unrolled = eqx.tree_at(lambda m: m.transformer, ours, ours.transformer.unroll())
+    em.save_pretrained(unrolled, tmp_path / "unrolled")
+    for name in ("config.json", "model.safetensors"):
+        assert (tmp_path / "unrolled" / name).read_bytes() == (tmp_path / "out" / name).read_bytes()
 
 
 def test_mtp_tensors_of_real_checkpoints_are_ignored(tmp_path, default_pair):
