@@ -641,13 +641,21 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, 
     # tensors transformers itself skips on load (Qwen3-Next's `mtp.*` multi-token-prediction head)
     ignored = tuple(prefix + p for p in getattr(cfg, "ignored_on_load", ()))
     reader = _SafetensorsReader(path)
+    fused = sorted(key for key in reader.keys() if key.endswith(".experts.gate_up_proj"))
+    if fused:
+        raise ValueError(f"checkpoint {path} stores fused experts ({fused[0]}), the layout transformers' "
+                         "save_pretrained(save_original_format=False) writes; we read the Hub's per-expert layout "
+                         "(experts.N.gate_proj/up_proj/down_proj), which transformers' default save writes")
     head, embedding = prefix + "lm_head.weight", prefix + "model.embed_tokens.weight"
     if cfg.tie_word_embeddings and head in reader.keys():  # whole state-dict exports store the tied head too
-        if embedding in reader.keys() and not np.array_equal(reader.get(head), reader.get(embedding)):
+        if embedding not in reader.keys():  # only the head: transformers ties it to the embedding either way
+            tensor_rules = [rule._replace(hf_key=head) if rule.hf_key == embedding else rule for rule in tensor_rules]
+        elif not np.array_equal(reader.get(head), reader.get(embedding)):
             raise ValueError(f"checkpoint {path}: config.json ties the LM head to the embedding "
                              f"(tie_word_embeddings), but {head} is stored and differs from it; "
                              "from_pretrained(..., tie_word_embeddings=False) loads it as a separate head")
-        ignored += (head,)
+        else:
+            ignored += (head,)
     return load_rules(skeleton, tensor_rules, reader, source=f"checkpoint {path}",
                       ignore=lambda key: not key.startswith(prefix) or key.startswith(ignored))
 

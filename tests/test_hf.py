@@ -584,6 +584,31 @@ def test_tied_checkpoint_that_also_stores_the_head(tmp_path):
     np.testing.assert_array_equal(np.asarray(untied.transformer.lm_head.kernel), head.T)
 
 
+def test_tied_checkpoint_that_stores_only_the_head(tmp_path):
+    """A tied checkpoint whose one copy of the shared matrix is stored as `lm_head.weight` loads it as the
+    embedding, as transformers does (ties work either way); it was refused as missing the embedding."""
+    model = _random_model(_cfg(moe=False, tie_word_embeddings=True))
+    em.save_pretrained(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    _assert_same_params(em.from_pretrained(tmp_path), model)
+    np.testing.assert_array_equal(_hf_load(tmp_path, moe=False).model.embed_tokens.weight.detach().numpy(),
+                                  np.asarray(model.transformer.embed.embedding))
+
+
+def test_fused_expert_layout_is_named(tmp_path):
+    """transformers' `save_pretrained(save_original_format=False)` writes fused experts; the error says which
+    layout we read instead of listing every per-expert tensor as missing."""
+    hf = transformers.Qwen3MoeForCausalLM(transformers.Qwen3MoeConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16))
+    hf.save_pretrained(tmp_path, save_original_format=False)
+    with pytest.raises(ValueError, match=r"stores fused experts \(model.layers.0.mlp.experts.gate_up_proj\).*"
+                                         r"save_original_format=False"):
+        em.from_pretrained(tmp_path)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Atomic saves
 
