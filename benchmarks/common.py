@@ -86,11 +86,12 @@ def _cpu_device() -> str:
     return f"cpu ({os.cpu_count()} cores, load {os.getloadavg()[0]:.1f})"
 
 
-def jax_environment() -> dict[str, Any]:
+def jax_environment(device: Any = None) -> dict[str, Any]:
+    """Device and versions of the rows measured on `device` (default: jax's first)."""
     import jax
     import jaxlib
 
-    device = jax.devices()[0]
+    device = device or jax.devices()[0]
     env = {"device": device.device_kind if device.platform == "gpu" else _cpu_device(),
            "platform": device.platform, "versions": f"jax {jax.__version__} / jaxlib {jaxlib.__version__}"}
     if device.platform == "gpu":

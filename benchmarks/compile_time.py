@@ -4,6 +4,7 @@ should stay near 1. Models are abstract (`eqx.filter_eval_shape`), so nothing is
     python benchmarks/compile_time.py [--small] [--layers 28 2] [--record]
 """
 
+import statistics
 import time
 
 import equinox as eqx
@@ -55,8 +56,8 @@ def main(argv: list[str] | None = None) -> None:
     for layers in args.layers:
         cfg = em.Qwen3Config(**{**shape, "num_hidden_layers": layers}, dtype=args.dtype, remat_policy=args.remat)
         runs = [compile_seconds(cfg, batch, seq) for _ in range(args.warmup + args.iters)][args.warmup:]
-        lower = sorted(r[0] for r in runs)[len(runs) // 2]
-        medians[layers] = sorted(r[1] for r in runs)[len(runs) // 2]
+        lower = statistics.median(r[0] for r in runs)
+        medians[layers] = statistics.median(r[1] for r in runs)
         config = {"model": "tiny" if args.small else "Qwen3-0.6B", "layers": layers, "hidden": cfg.hidden_size,
                   "batch": batch, "seq": seq, "dtype": args.dtype, "remat": args.remat}
         common.emit("compile_time", "compile", medians[layers], "s", config, env, args, trace_and_lower_s=lower)

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 import eqx_models
+from eqx_models import partitioning
 from eqx_models.config import RUNTIME_FIELDS
 from eqx_models.hf import CONFIG_FILE, MODELS, is_checkpoint_file, read_json
 
@@ -409,6 +410,11 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dest", help="a new or empty directory (from a run to HF: any directory without a "
                          "checkpoint; its other files are kept)")
     convert.set_defaults(func=cmd_convert)
+
+    partition = sub.add_parser("partition", help="print each parameter's partition spec on a mesh (no devices "
+                               "needed)", description=partitioning.TABLE_HELP)
+    partitioning.add_table_arguments(partition)
+    partition.set_defaults(func=partitioning.print_table)
 
     bench = sub.add_parser("bench", help="run benchmark scripts (one JSON line per measurement)",
                            description="Runs benchmarks/NAME.py for each NAME (default: all) from the source "

@@ -12,7 +12,7 @@
 - The expert-parallel MoE layer alone (both compute paths, expert x tensor split) equals the plain layer in
   output, router statistics and gradients.
 - Mesh construction and rule resolution (fallbacks, stacked axes, errors) on abstract meshes; the Qwen3-0.6B
-  table printed by `python -m eqx_models.partitioning` matches tests/data/qwen3_0.6b_sharding.txt; the rules
+  table printed by `eqx-models partition` matches tests/data/qwen3_0.6b_sharding.txt; the rules
   leave at most 0.1% of every preset model (Qwen3, Qwen3-MoE, Qwen3-Next, Qwen3-Omni thinker with its
   encoders) replicated.
 - No module under layers/ or models/ knows about sharding; examples/train_sharded.py runs.
@@ -36,7 +36,7 @@ import pytest
 from jax.sharding import AbstractMesh, NamedSharding, PartitionSpec as P
 
 import eqx_models as em
-from eqx_models import partitioning
+from eqx_models import cli, partitioning
 from eqx_models.layers.moe import RoutedMoE
 from eqx_models.training import lm_loss, make_train_step
 from tests.reference import assert_close
@@ -582,9 +582,9 @@ def test_presets_are_sharded(name):
 
 def test_sharding_table_matches_golden(capsys):
     """The printed table equals the golden file. After an intended rule change, regenerate it with
-    `python -m eqx_models.partitioning --model qwen3-0.6b --mesh data=2,fsdp=2,tensor=2 --output
+    `eqx-models partition --model qwen3-0.6b --mesh data=2,fsdp=2,tensor=2 --output
     tests/data/qwen3_0.6b_sharding.txt` and review the diff."""
-    partitioning.main(GOLDEN_ARGS)
+    assert cli.main(["partition", *GOLDEN_ARGS]) == 0
     table = capsys.readouterr().out
     assert table == GOLDEN.read_text(), "sharding table changed; see this test's docstring to regenerate"
     rows = {line.split()[0]: line for line in table.splitlines() if not line.startswith("#")}
@@ -597,13 +597,13 @@ def test_sharding_table_matches_golden(capsys):
 
 def test_table_command_errors(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        partitioning.main(["--help"])
+        cli.main(["partition", "--help"])
     assert exit_info.value.code == 0 and "--mesh" in capsys.readouterr().out
     for argv, message in [(["--mesh", "model=2"], "unknown mesh axes"), (["--mesh", "fsdp=-1"], "positive"),
                           (["--model", "qwen9"], "--model must be one of")]:
-        with pytest.raises(SystemExit) as exit_info:
-            partitioning.main(argv)
-        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+        assert cli.main(["partition", *argv]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("eqx-models: error: ") and message in err
 
 
 # ------------------------------------------------------------------------------------------- rule 4, example
