@@ -104,7 +104,7 @@ def _differing_fields(given, saved) -> list[str]:
     if type(given) is not type(saved):
         return ["model_type"]
     return [f.name for f in dataclasses.fields(given)
-            if f.name not in RUNTIME_FIELDS and getattr(given, f.name) != getattr(saved, f.name)]
+            if f.compare and f.name not in RUNTIME_FIELDS and getattr(given, f.name) != getattr(saved, f.name)]
 
 
 def _train_config(args: argparse.Namespace, out: Path):

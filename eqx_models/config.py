@@ -27,6 +27,14 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "attention_kernel", "m
                   "moe_fast_capacity_factor", "mtp_num_layers", "mtp_loss_scaling_factor", "gated_delta_impl",
                   "gated_delta_chunk_size")
 LAYER_TYPES = ("linear_attention", "full_attention")
+# config.json keys that `from_hf_dict` interprets or that `to_hf_dict` writes itself; any other key with a plain
+# value is HF's alone (output_router_logits, initializer_range, use_cache, ...) and is carried in `hf_extra`
+_INTERPRETED_KEYS = frozenset({
+    "model_type", "architectures", "dtype", "torch_dtype", "transformers_version", "_name_or_path",
+    "rope_parameters", "rope_scaling", "rope_theta", "rope_type", "partial_rotary_factor", "num_local_experts",
+    "full_attention_interval", "layer_types", "max_window_layers", "use_sliding_window", "sliding_window",
+    "mrope_section", "mrope_interleaved", "interleaved",
+})
 
 
 def _check_llama3_scaling(scaling: Mapping[str, Any]) -> None:
@@ -100,6 +108,20 @@ def _check_types(cfg: Any) -> None:
             object.__setattr__(cfg, field.name, value.item())
 
 
+def _hash(cfg: Any) -> int:
+    """A hash of the fields equality compares (nested configs included), as `__eq__` sees them."""
+
+    def compared(c: Any) -> dict[str, Any]:
+        return {f.name: compared(v) if dataclasses.is_dataclass(v) else v
+                for f in dataclasses.fields(c) if f.compare for v in (getattr(c, f.name),)}
+
+    return hash(json.dumps(compared(cfg), sort_keys=True, default=str))
+
+
+def _is_plain(value: Any) -> bool:
+    return value is None or isinstance(value, (bool, int, float, str))
+
+
 def _positive(cfg: Any, *names: str) -> None:
     for name in names:
         value = getattr(cfg, name)
@@ -147,9 +169,15 @@ class Qwen3Config:
     attention_kernel: str = "auto"
     mtp_num_layers: int = 0  # multi-token prediction depths (training side-car; not in HF checkpoints)
     mtp_loss_scaling_factor: float = 0.1
+    # config.json's keys that only HF reads, written back unchanged; not part of the model's identity
+    hf_extra: Mapping[str, Any] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self):
         _check_types(self)
+        if not isinstance(self.hf_extra, Mapping) or not all(
+                isinstance(k, str) and k not in _INTERPRETED_KEYS and _is_plain(v) for k, v in self.hf_extra.items()):
+            raise ValueError(f"hf_extra must map HF-only config.json keys to plain values, got {self.hf_extra!r}")
+        object.__setattr__(self, "hf_extra", dict(self.hf_extra))
         _positive(self, "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                   "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -191,7 +219,7 @@ class Qwen3Config:
             raise ValueError(f"hidden_act {self.hidden_act!r} is not supported")
 
     def __hash__(self) -> int:
-        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+        return _hash(self)
 
     def _default_layer_types(self) -> tuple[str, ...]:
         """HF Qwen3: sliding attention on layers `>= max_window_layers` when `use_sliding_window`."""
@@ -234,8 +262,11 @@ class Qwen3Config:
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type in ("llama3", "yarn"):
             rope.setdefault("original_max_position_embeddings", data["max_position_embeddings"])
-        names = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        names = fields - set(RUNTIME_FIELDS) - {"hf_extra"}
         kwargs = {k: v for k, v in data.items() if k in names}
+        kwargs["hf_extra"] = {k: v for k, v in data.items()
+                              if k not in fields and k not in _INTERPRETED_KEYS and _is_plain(v)}
         for name in ("mlp_only_layers", "layer_types"):
             if isinstance(kwargs.get(name), list):
                 kwargs[name] = tuple(kwargs[name])
@@ -257,6 +288,7 @@ class Qwen3Config:
     def to_hf_dict(self) -> dict[str, Any]:
         """The `config.json` transformers 5 writes for this model."""
         data = {k: v for k, v in dataclasses.asdict(self).items() if k not in RUNTIME_FIELDS}
+        data = {**data.pop("hf_extra"), **data}
         theta, scaling = data.pop("rope_theta"), data.pop("rope_scaling")
         data["rope_parameters"] = {"rope_type": "default", **(scaling or {}), "rope_theta": theta}
         for name in ("mlp_only_layers", "layer_types"):
@@ -774,7 +806,7 @@ class Qwen3OmniThinkerConfig:
             )
 
     def __hash__(self) -> int:
-        return hash(json.dumps(dataclasses.asdict(self), sort_keys=True, default=str))
+        return _hash(self)
 
     @property
     def dtype(self) -> str:

@@ -237,6 +237,28 @@ def test_from_hf_dict_overrides_and_unknown_keys():
     assert cfg.remat_policy == "full" and cfg.dtype == "bfloat16" and cfg.rope_theta == 1e6
 
 
+@pytest.mark.parametrize("cls, hf_cls, fields", [
+    (em.Qwen3MoeConfig, transformers.Qwen3MoeConfig, TINY_MOE),
+    (em.Qwen3NextConfig, transformers.Qwen3NextConfig, dict(TINY, num_hidden_layers=4)),
+], ids=["moe", "next"])
+def test_hf_only_keys_survive_the_round_trip(cls, hf_cls, fields):
+    """config.json keys that only transformers reads (output_router_logits: the MoE aux loss in an HF fine-tune)
+    come back from `to_hf_dict` as they were; they were dropped, so transformers read its defaults. They are not
+    part of the config's identity (equality, hash); list- or dict-valued unknown keys are not carried."""
+    hf_only = dict(output_router_logits=True, attention_dropout=0.1, use_cache=False, initializer_range=0.05)
+    source = hf_cls(**cls(**fields).to_hf_dict(), **hf_only).to_dict()
+    cfg = cls.from_hf_dict({**source, "some_future_list": [1, 2]})
+    assert cfg.hf_extra == hf_only | {k: source[k] for k in cfg.hf_extra if k not in hf_only}
+    assert "some_future_list" not in cfg.to_hf_dict()
+    back = hf_cls(**cfg.to_hf_dict())
+    assert {k: getattr(back, k) for k in hf_only} == hf_only
+    plain = cfg.replace(hf_extra={})
+    assert cfg == plain and hash(cfg) == hash(plain)
+    assert cls.from_hf_dict(cfg.to_hf_dict()).to_hf_dict() == cfg.to_hf_dict()
+    with pytest.raises(ValueError, match="hf_extra must map HF-only config.json keys to plain values"):
+        cfg.replace(hf_extra={"rope_theta": 1.0})
+
+
 @pytest.mark.parametrize("name, cls", [("qwen3", em.Qwen3Config), ("qwen3_moe", em.Qwen3MoeConfig)])
 def test_from_hf_dict_shared_reference_json(name, cls):
     """The tiny config.json files recorded in the shared reference (only where that folder is present)."""
@@ -274,7 +296,7 @@ def test_to_hf_dict_is_read_by_transformers(cfg):
     hf = hf_cls(**d)
     for field in dataclasses.fields(cfg):
         name = field.name
-        if name in RUNTIME_FIELDS or name in ("rope_theta", "rope_scaling", "max_window_layers"):
+        if name in RUNTIME_FIELDS or name in ("rope_theta", "rope_scaling", "max_window_layers", "hf_extra"):
             continue
         if name == "layer_types" and hf_cls is transformers.Qwen3MoeConfig:  # HF's MoE has none: all or no layers slide
             assert not hasattr(hf, name) and set(cfg.layer_types) == {"full_attention"}
