@@ -225,7 +225,10 @@ def make_train_step(
     `loss_fn` also receives `normalizers=loss_normalizers(model, batch)` of the whole batch; the micro-batches'
     float32 gradients and metrics are summed, which equals the full-batch per-token means (main and MTP) even
     with uneven padding; the MoE load-balancing loss is the token-weighted mean of the micro-batches' (`lm_loss`).
-    A custom `loss_fn` must then return such shares, as `lm_loss` does."""
+    A custom `loss_fn` must then return such shares, as `lm_loss` does.
+
+    A model's `frozen_parts` (the Omni thinker's encoders with `freeze_encoders`) are left exactly as they are:
+    their updates are zeroed, as AdamW's weight decay would otherwise shrink them."""
     if not is_a(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
     grad_accum_steps = int(grad_accum_steps)
@@ -264,6 +267,8 @@ def make_train_step(
             grads = jax.tree.map(lambda g, p: g.astype(p.dtype), total, params)
             metrics = jax.tree.map(lambda m: jnp.sum(m, axis=0), metrics)
         updates, opt_state = optimizer.update(grads, opt_state, eqx.filter(model, eqx.is_inexact_array))
+        if getattr(model, "frozen_parts", None) and model.frozen_parts(updates):
+            updates = eqx.tree_at(model.frozen_parts, updates, replace_fn=lambda p: jax.tree.map(jnp.zeros_like, p))
         model = eqx.apply_updates(model, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
         return model, opt_state, metrics

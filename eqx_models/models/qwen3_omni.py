@@ -14,6 +14,7 @@ of each clip): segments of equal length are gathered into one batch for the kern
 `layers/attention.py`, so no `[tokens, tokens]` mask is built. All layer stacks are stacked and scanned.
 """
 
+import dataclasses
 from collections.abc import Sequence
 from typing import NamedTuple
 
@@ -799,6 +800,12 @@ def _check_count(input_ids: Int[Array, "batch seq"], token: int, features: int, 
         )
 
 
+def _trained_fields(module: eqx.Module) -> list[str]:
+    """The fields of `module` that hold parameters."""
+    return [f.name for f in dataclasses.fields(module)
+            if not f.metadata.get("static") and jax.tree.leaves(eqx.filter(getattr(module, f.name), eqx.is_array))]
+
+
 class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
     """Qwen3-Omni thinker: `transformer` (the text decoder, a Qwen3-MoE `Transformer` with interleaved MRoPE
     and the LM head), `visual` (vision encoder with DeepStack mergers and final merger), `audio_tower` (audio
@@ -840,6 +847,16 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         """`get_rope_index(self.config, ...)`."""
         return get_rope_index(self.config, input_ids, image_grid_thw, video_grid_thw, attention_mask,
                               use_audio_in_video, audio_seqlens, second_per_grids)
+
+    def frozen_parts(self, tree: "Qwen3OmniThinkerForConditionalGeneration") -> list:
+        """The subtrees of `tree` (this model, or its gradients or optimizer updates) that training leaves as they
+        are: with `freeze_encoders`, the encoders' parts before their projectors (`make_train_step` zeroes their
+        updates, or weight decay would still shrink them)."""
+        if not self.freeze_encoders:
+            return []
+        return [getattr(getattr(tree, encoder), name)
+                for encoder in ("visual", "audio_tower") for name in _trained_fields(getattr(self, encoder))
+                if name != "projector"]
 
     def _encoder_output(self, x: object) -> object:
         """`x` (a pytree of encoder states) behind `stop_gradient` when the encoders are frozen."""
