@@ -45,6 +45,13 @@ def _check_chunk_size(chunk_size: object) -> None:
         raise ValueError(f"chunk_size must be a positive int (positions per loss chunk), got {chunk_size!r}")
 
 
+def _check_z_loss(z_loss: object) -> None:
+    """Rejects a z-loss weight that is not a finite number >= 0 (NaN would turn every parameter into NaN; a
+    negative one rewards large logits)."""
+    if not (is_a(z_loss, float) and 0 <= z_loss < math.inf):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+
+
 def chunked_cross_entropy(
     logits_fn: Callable[[Array], Array],
     hidden: Float[Array, "batch seq embed"],
@@ -142,6 +149,7 @@ def lm_loss(
     with 2 micro-batches in the tests).
     """
     check_batch(batch)
+    _check_z_loss(z_loss)
     out = model.forward(batch["input_ids"], positions=batch.get("positions"), segment_ids=batch.get("segment_ids"),
                         key=key, inference=inference)
     cfg = _text_config(model)
@@ -234,6 +242,8 @@ def make_train_step(
     grad_accum_steps = int(grad_accum_steps)
     if "chunk_size" in loss_kwargs:
         _check_chunk_size(loss_kwargs["chunk_size"])
+    if "z_loss" in loss_kwargs:
+        _check_z_loss(loss_kwargs["z_loss"])
 
     def grads_of(model, batch, key, **kwargs):
         (_, metrics), grads = eqx.filter_value_and_grad(

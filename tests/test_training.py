@@ -750,6 +750,17 @@ def test_bad_chunk_size_raises(model, chunk_size):
         make_train_step(optax.sgd(1.0), chunk_size=chunk_size)
 
 
+@pytest.mark.parametrize("z_loss", [float("nan"), -1.0, float("inf")])
+def test_bad_z_loss_raises(model, z_loss):
+    """A NaN, infinite or negative z-loss weight raises naming z_loss, in `lm_loss` and when `make_train_step`
+    is made (NaN made the loss NaN and so every parameter after one step; -1 rewarded large logits)."""
+    match = f"z_loss must be a finite number >= 0, got {z_loss}"
+    with pytest.raises(ValueError, match=match):
+        lm_loss(model, _batch(), z_loss=z_loss)
+    with pytest.raises(ValueError, match=match):
+        make_train_step(optax.sgd(1.0), z_loss=z_loss)
+
+
 def test_chunked_cross_entropy_edge_inputs():
     """A NumPy int chunk size is taken like an int (without the type-check hook); an empty sequence is a
     ValueError naming seq (it was a ZeroDivisionError); a one-token batch has no next-token target, so no valid
