@@ -11,6 +11,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from eqx_models.layers.linear import Linear, at_least_float32
 
+
 def _in_float32(fn: Callable[[Array], Array]) -> Callable[[Array], Array]:
     """`fn` computed in float32 and rounded once to the input's dtype, as torch's bf16 kernels do (XLA rounds
     bf16 after every step of silu/gelu/sigmoid: up to 9 ulp off)."""
