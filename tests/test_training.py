@@ -29,7 +29,7 @@ from eqx_models.training import (
     make_train_step,
     next_token_targets,
 )
-from tests.reference import assert_close, numpy_cross_entropy, numpy_next_token_targets
+from tests.reference import assert_close, max_rel_err, numpy_cross_entropy, numpy_next_token_targets
 
 VOCAB, SEQ = 64, 21
 TINY = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -702,8 +702,9 @@ def test_all_padding_batch_gives_zero_loss_and_finite_parameters(sgd_steps, mode
 @pytest.mark.slow
 def test_mixed_precision_keeps_float32_params(trained, sgd_steps, model):
     """dtype=bfloat16 compute with param_dtype=float32 (the `trained` run): parameters and Adam moments stay
-    float32, the loss is float32, and it really is computed in bfloat16 (first loss differs from the float32
-    model's by 1e-5..5e-2 relative; float32 compute would agree to ~1e-7)."""
+    float32, the loss is float32 and within 5e-2 of the float32 model's, and it really is computed in bfloat16:
+    the logits of the same parameters differ from float32 compute's by 1e-4..5e-2 relative (float32 would agree
+    to ~1e-7). The first losses differ by only ~1e-5: the per-token rounding errors average out over the batch."""
     losses, record, m, state = trained
     assert {leaf.dtype for leaf in jax.tree.leaves(_params(m))} == {jnp.dtype(jnp.float32)}
     assert record["metrics"]["loss"].dtype == jnp.float32
@@ -712,7 +713,13 @@ def test_mixed_precision_keeps_float32_params(trained, sgd_steps, model):
     _, f32 = _sgd_step(sgd_steps, model, _batch(), 1)
     rel = abs(losses[0] - float(f32["loss"])) / float(f32["loss"])
     print(f"bf16 vs f32 first loss: {losses[0]:.6f} vs {float(f32['loss']):.6f} (rel {rel:.2e})")
-    assert 1e-5 < rel < 5e-2
+    assert rel < 5e-2
+    ids = _batch()["input_ids"]
+    bf16 = _random_model(em.Qwen3Config(**TINY, dtype="bfloat16", param_dtype="float32"))
+    forward = eqx.filter_jit(lambda m, x: m(x))
+    logits_rel = max_rel_err(forward(bf16, ids), forward(model, ids))
+    print(f"bf16 vs f32 logits: rel {logits_rel:.2e}")
+    assert 1e-4 < logits_rel < 5e-2
 
 
 @pytest.mark.parametrize("family", ["qwen3", "moe", "next"])
