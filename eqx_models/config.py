@@ -8,7 +8,6 @@ on the Hub; `to_hf_dict` writes what transformers 5 writes. Fields that are ours
 import dataclasses
 import json
 import math
-import numbers
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -18,6 +17,7 @@ import jax.numpy as jnp
 from jax.typing import DTypeLike
 
 from eqx_models.layers.gated_delta import GATED_DELTA_IMPLS
+from eqx_models.layers.linear import is_a
 from eqx_models.layers.moe import MOE_IMPLS
 
 REMAT_POLICIES = ("none", "full", "minimal", "minimal_with_context", "save_dot_except_mlp", "save_qkv_proj")
@@ -72,16 +72,6 @@ def _check_runtime(cfg: Any) -> None:
     for name in ("dtype", "param_dtype"):
         if getattr(cfg, name) not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"{name} must be 'float32', 'bfloat16' or 'float16', got {getattr(cfg, name)!r}")
-
-
-def is_a(value: Any, kind: type) -> bool:
-    """`isinstance` for config values and counts: any real is a float, any integral (NumPy too) an int, a bool
-    neither."""
-    if kind is float:
-        return isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if kind is int:
-        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-    return isinstance(value, kind)
 
 
 def _check_types(cfg: Any) -> None:

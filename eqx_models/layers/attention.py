@@ -16,10 +16,9 @@ from jax.ad_checkpoint import checkpoint_name
 from jax.typing import DTypeLike
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Real
 
-from eqx_models.config import is_a
 from eqx_models.layers.embeddings import RotaryEmbedding
 from eqx_models.layers.kv_cache import KVCache
-from eqx_models.layers.linear import Linear
+from eqx_models.layers.linear import Linear, is_a
 from eqx_models.layers.mlp import get_activation
 from eqx_models.layers.norms import L2Norm, RMSNorm
 

@@ -3,6 +3,7 @@
 import functools
 import math
 import numbers
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -11,9 +12,19 @@ from jax.typing import DTypeLike
 from jaxtyping import Array, Float, PRNGKeyArray
 
 
+def is_a(value: Any, kind: type) -> bool:
+    """`isinstance` for sizes, counts and config values: any real is a float, any integral (NumPy too) an int,
+    a bool neither."""
+    if kind is float:
+        return isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if kind is int:
+        return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    return isinstance(value, kind)
+
+
 def _as_tuple(features: object) -> tuple[int, ...]:
     features = (features,) if isinstance(features, numbers.Integral) else tuple(features)
-    if not features or any(not isinstance(f, numbers.Integral) or isinstance(f, bool) or f <= 0 for f in features):
+    if not features or any(not is_a(f, int) or f <= 0 for f in features):
         raise ValueError(f"feature sizes must be positive ints, got {features}")
     return tuple(int(f) for f in features)
 
