@@ -312,6 +312,15 @@ def _checkpoint_entries(directory: Path) -> list[str]:
                   if is_checkpoint_file(entry.name) or entry.name in (RUN_CONFIG, "checkpoints"))
 
 
+def cmd_partition(args: argparse.Namespace) -> None:
+    mesh = partitioning.abstract_mesh(args.mesh)
+    table = f"# model: {args.model}\n" + partitioning.sharding_table(partitioning.abstract_model(args.model), mesh)
+    if args.output:
+        Path(args.output).write_text(table + "\n")
+    else:
+        sys.stdout.write(table + "\n")
+
+
 def cmd_convert(args: argparse.Namespace) -> None:
     from eqx_models.checkpoint import Checkpointer
 
@@ -411,10 +420,16 @@ def build_parser() -> argparse.ArgumentParser:
                          "checkpoint; its other files are kept)")
     convert.set_defaults(func=cmd_convert)
 
-    partition = sub.add_parser("partition", help="print each parameter's partition spec on a mesh (no devices "
-                               "needed)", description=partitioning.TABLE_HELP)
-    partitioning.add_table_arguments(partition)
-    partition.set_defaults(func=partitioning.print_table)
+    partition = sub.add_parser(
+        "partition", help="print each parameter's partition spec on a mesh (no devices needed)",
+        description="Print the partition spec of every parameter of a model on a mesh (nothing is allocated: the "
+                    "model comes from eqx.filter_eval_shape and the mesh is abstract, so no devices are needed).")
+    partition.add_argument("--model", default="qwen3-0.6b", help=f"one of {sorted(partitioning.PRESETS)}, or an "
+                           "HF checkpoint directory (its config.json)")
+    partition.add_argument("--mesh", default="data=2,fsdp=2,tensor=2",
+                           help=f"axis sizes, e.g. data=2,fsdp=4 (axes: {', '.join(partitioning.MESH_AXES)})")
+    partition.add_argument("--output", help="write the table to this file, not stdout (e.g. a golden file)")
+    partition.set_defaults(func=cmd_partition)
 
     bench = sub.add_parser("bench", help="run benchmark scripts (one JSON line per measurement)",
                            description="Runs benchmarks/NAME.py for each NAME (default: all) from the source "

@@ -16,13 +16,11 @@ around the expert function that `RoutedMoE.forward` leaves replaceable.
 `eqx-models partition --model qwen3-0.6b --mesh fsdp=4,tensor=2` prints the per-parameter table.
 """
 
-import argparse
 import dataclasses
 import functools
 import math
 import numbers
 import re
-import sys
 import types
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
@@ -637,31 +635,12 @@ def abstract_model(name: str) -> eqx.Module:
     return eqx.filter_eval_shape(model_cls, cfg, key=jax.random.key(0))
 
 
-TABLE_HELP = ("Print the partition spec of every parameter of a model on a mesh (nothing is allocated: the model "
-              "comes from eqx.filter_eval_shape and the mesh is abstract, so no devices are needed).")
-
-
-def add_table_arguments(parser: argparse.ArgumentParser) -> None:
-    """The arguments of `eqx-models partition` (`print_table`)."""
-    parser.add_argument("--model", default="qwen3-0.6b",
-                        help=f"one of {sorted(PRESETS)}, or an HF checkpoint directory (its config.json)")
-    parser.add_argument("--mesh", default="data=2,fsdp=2,tensor=2",
-                        help=f"axis sizes, e.g. data=2,fsdp=4 (axes: {', '.join(MESH_AXES)})")
-    parser.add_argument("--output", help="write the table to this file, not stdout (e.g. a golden file)")
-
-
-def print_table(args: argparse.Namespace) -> None:
-    """Writes the sharding table of `args.model` on the mesh `args.mesh` to `args.output` or stdout."""
-    axes = parse_mesh(args.mesh)
+def abstract_mesh(text: str) -> AbstractMesh:
+    """The device-free mesh `text` names (`parse_mesh` syntax, e.g. "fsdp=4,tensor=2"), for `sharding_table`."""
+    axes = parse_mesh(text)
     unknown = sorted(set(axes) - set(MESH_AXES))
     if unknown:
         raise ValueError(f"unknown mesh axes {unknown}; choose from {MESH_AXES}")
     if any(size < 1 for size in axes.values()):
         raise ValueError(f"--mesh sizes must be positive (no devices to fill -1 from), got {axes}")
-    mesh = AbstractMesh(tuple(axes.get(n, 1) for n in MESH_AXES), MESH_AXES)
-    table = f"# model: {args.model}\n" + sharding_table(abstract_model(args.model), mesh)
-    if args.output:
-        with open(args.output, "w") as f:
-            f.write(table + "\n")
-    else:
-        sys.stdout.write(table + "\n")
+    return AbstractMesh(tuple(axes.get(n, 1) for n in MESH_AXES), MESH_AXES)
