@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 from jax.typing import DTypeLike
+from jaxtyping import PRNGKeyArray
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
@@ -614,7 +615,8 @@ def load_rules(
 
 
 def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, mesh: Mesh | None = None,
-                    rules: partitioning.Rules | None = None, **config_overrides: Any) -> eqx.Module:
+                    rules: partitioning.Rules | None = None, key: PRNGKeyArray | None = None,
+                    **config_overrides: Any) -> eqx.Module:
     """Loads an HF checkpoint directory (config.json + safetensors); the class follows `model_type`.
 
     `dtype` sets both the parameter and compute dtype (default: the checkpoint's `dtype`, as transformers does,
@@ -622,17 +624,27 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, 
     each parameter is placed on it as it is read, by `partitioning.shard`'s `rules` (default
     `partitioning.DEFAULT_RULES`), so a model larger than one device loads; the result equals
     `partitioning.shard(from_pretrained(path), mesh, rules)`. No network access.
+
+    HF checkpoints hold no multi-token-prediction head: with `mtp_num_layers=k` it is initialised from `key`, as
+    the model class would (for fine-tuning with MTP on a released model).
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"checkpoint directory {path} does not exist")
     cfg = read_config(path, dtype=dtype, **config_overrides)
     _, model_cls, rules_fn = MODELS[cfg.model_type]
+    if rules is not None and mesh is None:
+        raise ValueError("from_pretrained(rules=...) places parameters on a mesh: pass mesh= too")
     skeleton = eqx.filter_eval_shape(model_cls, cfg, key=jax.random.key(0))
+    mtp = None
+    if skeleton.transformer.mtp is not None:
+        if key is None:
+            raise ValueError(f"from_pretrained(mtp_num_layers={cfg.mtp_num_layers}): HF checkpoints hold no "
+                             "multi-token-prediction head; pass key= to initialise it")
+        mtp = eqx.filter_jit(lambda k: model_cls(cfg, key=k).transformer.mtp)(key)  # the rest is never computed
+        skeleton = eqx.tree_at(lambda m: m.transformer.mtp, skeleton, None)
     if mesh is not None:
         skeleton = partitioning.shard(skeleton, mesh, rules)
-    elif rules is not None:
-        raise ValueError("from_pretrained(rules=...) places parameters on a mesh: pass mesh= too")
     tensor_rules = rules_fn(cfg, _leaf_paths(skeleton))
     # a sub-model of a larger checkpoint (the thinker under `thinker.` in a full Qwen3-Omni one): read its
     # tensors under the prefix and ignore the others (talker, code2wav), as transformers does
@@ -656,8 +668,12 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, 
                              "from_pretrained(..., tie_word_embeddings=False) loads it as a separate head")
         else:
             ignored += (head,)
-    return load_rules(skeleton, tensor_rules, reader, source=f"checkpoint {path}",
-                      ignore=lambda key: not key.startswith(prefix) or key.startswith(ignored))
+    model = load_rules(skeleton, tensor_rules, reader, source=f"checkpoint {path}",
+                       ignore=lambda name: not name.startswith(prefix) or name.startswith(ignored))
+    if mtp is None:
+        return model
+    model = eqx.tree_at(lambda m: m.transformer.mtp, model, mtp, is_leaf=lambda x: x is None)
+    return model if mesh is None else partitioning.shard(model, mesh, rules)
 
 
 def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:

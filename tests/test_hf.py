@@ -333,6 +333,30 @@ def test_from_pretrained_config_overrides(tmp_path):
     assert "config.json" not in str(error.value)
 
 
+def test_from_pretrained_adds_a_fresh_mtp_head(tmp_path):
+    """HF checkpoints hold no MTP head: `mtp_num_layers=k` initialises it from `key` as the model class does
+    (onto a mesh too), and loads every other parameter from the files; without a key it is an error."""
+    model = _random_model(_cfg(moe=False))
+    em.save_pretrained(model, tmp_path)
+    with pytest.raises(ValueError, match="hold no multi-token-prediction head; pass key="):
+        em.from_pretrained(tmp_path, mtp_num_layers=1)
+    mesh = em.partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    for placement in ({}, {"mesh": mesh}):
+        loaded = em.from_pretrained(tmp_path, mtp_num_layers=2, key=jax.random.key(7), **placement)
+        assert loaded.config.mtp_num_layers == 2
+        fresh = em.Qwen3ForCausalLM(loaded.config, key=jax.random.key(7)).transformer.mtp
+        for x, y in zip(jax.tree.leaves(loaded.transformer.mtp), jax.tree.leaves(fresh), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        rest = eqx.tree_at(lambda m: m.transformer.mtp, loaded, None)
+        for x, y in zip(jax.tree.leaves(rest), jax.tree.leaves(model), strict=True):
+            np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+        if placement:
+            want = em.partitioning.shard(loaded, mesh)
+            assert all(a.sharding == b.sharding for a, b in zip(jax.tree.leaves(loaded), jax.tree.leaves(want)))
+    _, aux = em.training.lm_loss(loaded, {"input_ids": jnp.asarray(IDS, jnp.int32)})
+    assert np.isfinite(float(aux["mtp_loss"])) and float(aux["mtp_loss"]) > 0
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Errors
 
