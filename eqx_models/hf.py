@@ -639,8 +639,8 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, 
     mtp = None
     if skeleton.transformer.mtp is not None:
         if key is None:
-            raise ValueError(f"from_pretrained(mtp_num_layers={cfg.mtp_num_layers}): HF checkpoints hold no "
-                             "multi-token-prediction head; pass key= to initialise it")
+            raise ValueError("from_pretrained(mtp_num_layers=...): HF checkpoints hold no multi-token-prediction "
+                             "head; pass key= to initialise it")
         mtp = eqx.filter_jit(lambda k: model_cls(cfg, key=k).transformer.mtp)(key)  # the rest is never computed
         skeleton = eqx.tree_at(lambda m: m.transformer.mtp, skeleton, None)
     if mesh is not None:
