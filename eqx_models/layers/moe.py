@@ -210,12 +210,16 @@ class RoutedMoE(eqx.Module):
             raise ValueError(f"impl must be one of {MOE_IMPLS}, got {impl!r}")
         if routing not in ("softmax_topk", "topk_softmax"):
             raise ValueError(f"routing must be 'softmax_topk' or 'topk_softmax', got {routing!r}")
+        if not activations:
+            raise ValueError("RoutedMoE needs at least one activation")
         for name in activations:
             get_activation(name)
         self.num_experts, self.num_experts_per_tok = num_experts, num_experts_per_tok
         self.norm_topk_prob, self.routing, self.activations = norm_topk_prob, routing, tuple(activations)
-        if fast_capacity_factor < 1:
-            raise ValueError(f"fast_capacity_factor must be >= 1, got {fast_capacity_factor}")
+        if capacity_factor is not None and not (math.isfinite(capacity_factor) and capacity_factor > 0):
+            raise ValueError(f"capacity_factor must be positive and finite, or None (dropless), got {capacity_factor}")
+        if not (math.isfinite(fast_capacity_factor) and fast_capacity_factor >= 1):
+            raise ValueError(f"fast_capacity_factor must be finite and >= 1, got {fast_capacity_factor}")
         if impl == "auto" and capacity_factor is not None:
             impl = "sorted"
         self.impl, self.capacity_factor, self.dtype = impl, capacity_factor, jnp.dtype(dtype)
@@ -250,8 +254,13 @@ class RoutedMoE(eqx.Module):
         impl = self.impl if expert_fn is None else ("dense" if self.impl == "dense" else "sorted")
         expert_fn = self._expert_mlp if expert_fn is None else expert_fn
         shape = x.shape
+        if token_mask is not None and token_mask.shape != shape[:-1]:
+            raise ValueError(f"token_mask has shape {token_mask.shape}; the tokens' is {shape[:-1]}")
         tokens = x.reshape(-1, shape[-1]).astype(self.dtype)
-        valid = jnp.ones(tokens.shape[0], bool) if token_mask is None else token_mask.reshape(-1)
+        if not tokens.shape[0]:  # the sorted and grouped buffers cannot be shaped from zero rows
+            impl = "dense"
+        # any nonzero entry is a real token (segment ids too), as `valid` feeds slot positions and counts
+        valid = jnp.ones(tokens.shape[0], bool) if token_mask is None else token_mask.reshape(-1).astype(bool)
         weights, ids, probs = route(
             self.gate(tokens), self.num_experts_per_tok, routing=self.routing, norm_topk_prob=self.norm_topk_prob
         )

@@ -2,6 +2,7 @@
 other and against a float64 NumPy GShard implementation (capacity drops), routing and aux-loss formulas,
 token masks, gradients and bad-input errors."""
 
+import inspect
 import math
 
 import equinox as eqx
@@ -243,6 +244,35 @@ def test_token_mask_excludes_tokens_from_stats_and_capacity(rng, impl, capacity_
     np.testing.assert_array_equal(np.asarray(stats2.expert_counts), np.asarray(stats.expert_counts))
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_token_mask_of_segment_ids_and_its_shape(rng, impl):
+    """Without the type-check hook a mask of packed segment ids (1, 2, 3; 0 = padding) routes as its nonzero
+    entries do (it once weighted slot positions and counts by the id, dropping tokens); a mask of another shape
+    than the tokens' is refused."""
+    w = _weights(rng)
+    x = _x(rng, (2, 6, H))
+    segments = jnp.asarray([[1, 1, 2, 2, 3, 0], [1, 2, 2, 3, 3, 3]], jnp.int32)
+    layer = _ours(w, impl=impl)
+    forward = inspect.unwrap(RoutedMoE.forward)
+    y, stats = forward(layer, x, segments)
+    y_ref, stats_ref = _apply(layer, x, segments > 0)
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+    np.testing.assert_array_equal(np.asarray(stats.expert_counts), np.asarray(stats_ref.expert_counts))
+    assert float(stats.num_tokens) == 11
+    with pytest.raises(ValueError, match=r"token_mask has shape \(12,\); the tokens' is \(2, 6\)"):
+        forward(layer, x, jnp.ones(12, bool))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_zero_tokens(impl):
+    """An empty batch gives an empty output and zero statistics on every path (the sorted and grouped ones once
+    divided by zero shaping their buffers)."""
+    layer = RoutedMoE(H, I, 4, 2, impl=impl, key=jax.random.key(0))
+    y, stats = layer(jnp.zeros((1, 0, H)))
+    assert y.shape == (1, 0, H)
+    assert float(stats.num_tokens) == 0 and not np.asarray(stats.expert_counts).any()
+
+
 @pytest.mark.parametrize("capacity_factor", [None, 0.5])
 def test_gradients_of_all_impls_agree(rng, capacity_factor):
     """d(sum(y * c))/d(x, gate, wi, wo) of the auto, sorted and grouped paths (XLA and Pallas) agree with the
@@ -349,8 +379,8 @@ def test_auto_decode_step_is_grouped(rng, monkeypatch):
 
 
 def test_bad_arguments_raise():
-    """k > E, k = 0, unknown impl, unknown routing and a fast capacity below the mean load are ValueErrors
-    naming the problem."""
+    """k > E, k = 0, unknown impl, unknown routing, a fast capacity below the mean load, a capacity factor that is
+    not positive and finite, and no activations are ValueErrors naming the problem."""
     with pytest.raises(ValueError, match="num_experts_per_tok"):
         RoutedMoE(H, I, 4, 5, key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_experts_per_tok"):
@@ -359,8 +389,14 @@ def test_bad_arguments_raise():
         RoutedMoE(H, I, 4, 2, impl="ragged", key=jax.random.key(0))
     with pytest.raises(ValueError, match="routing"):
         RoutedMoE(H, I, 4, 2, routing="sigmoid", key=jax.random.key(0))
-    with pytest.raises(ValueError, match="fast_capacity_factor"):
-        RoutedMoE(H, I, 4, 2, fast_capacity_factor=0.9, key=jax.random.key(0))
+    for bad in (0.9, math.nan, math.inf):
+        with pytest.raises(ValueError, match="fast_capacity_factor must be finite and >= 1"):
+            RoutedMoE(H, I, 4, 2, fast_capacity_factor=bad, key=jax.random.key(0))
+    for bad in (0.0, -1.0, math.nan, math.inf):  # MaxText's -1 means dropless; ours is None
+        with pytest.raises(ValueError, match="capacity_factor must be positive and finite, or None"):
+            RoutedMoE(H, I, 4, 2, capacity_factor=bad, key=jax.random.key(0))
+    with pytest.raises(ValueError, match="at least one activation"):
+        RoutedMoE(H, I, 4, 2, activations=(), key=jax.random.key(0))
     with pytest.raises(ValueError, match="routing"):
         route(jnp.zeros((3, 4)), 2, routing="sigmoid")
 
