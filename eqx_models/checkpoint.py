@@ -13,11 +13,15 @@ corresponding `like` leaf. Each step is one orbax checkpoint directory `<directo
 """
 
 import asyncio
+import atexit
+import concurrent.futures.thread  # noqa: F401 (see _finish_saves)
 import contextlib
 import gc
 import json
+import operator
 import os
 import sys
+import threading
 from typing import Any, NamedTuple
 
 import equinox as eqx
@@ -105,9 +109,47 @@ def _unnest(nested: dict, parts: tuple[str, ...]):
     return nested
 
 
+def _step(step: Any) -> int:
+    """A step number: an int >= 0 (NumPy and jax integer scalars too); a float is refused, not truncated."""
+    try:
+        step = operator.index(step)
+    except TypeError:
+        raise TypeError(f"step must be an int, got {step!r}") from None
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    return step
+
+
+_SAVING: "set[Checkpointer]" = set()  # with a save in flight; held until it ends, even if the caller drops them
+
+
+def _finish_saves() -> None:
+    for checkpointer in list(_SAVING):
+        checkpointer.wait()
+
+
+# A script that ends during an asynchronous save would lose the step: orbax's write runs on thread pools that
+# refuse new work once the interpreter starts shutting down. This hook runs at that start, before the pools'
+# own (these hooks run last-registered first; the pools register theirs when concurrent.futures.thread is
+# first imported, which the import here makes sure happened already).
+getattr(threading, "_register_atexit", atexit.register)(_finish_saves)
+
+
 def _default_sharding() -> jax.sharding.Sharding:
     """Where arrays without a sharding of their own land: the default device, like `jnp.asarray`."""
     return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _key_sharding(leaves: dict) -> jax.sharding.Sharding:
+    """Where a restored PRNG key lands: replicated on the mesh of the first sharded `like` leaf (a sharded
+    step takes it beside the model), else on that leaf's device, else the default device."""
+    for _, leaf in leaves.values():
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding):
+            return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+        if isinstance(sharding, jax.sharding.SingleDeviceSharding):
+            return sharding
+    return _default_sharding()
 
 
 def _restore_target(leaf, saved: dict):
@@ -223,10 +265,12 @@ class Checkpointer:
 
     - `directory`: one subdirectory per step is written here (created on the first save).
     - `max_to_keep`: keep only this many steps, the highest-numbered (None keeps all). Lower ones are deleted
-      once a save is complete (an asynchronous one: at the next `wait`, `save`, `restore` or `close`); saving a
-      step that would not be among them is an error.
+      once this object's save is complete (an asynchronous one: at the next `wait`, `save`, `restore` or
+      `close`); a `Checkpointer` that only reads deletes nothing. Saving a step that would not be among them is
+      an error.
     - `async_save`: `save` returns once the arrays are copied to host and writes in the background;
-      `wait()` blocks until the write is durable. A new save, `restore` and `close` wait for the previous one.
+      `wait()` blocks until the write is durable. A new save, `restore` and `close` wait for the previous one,
+      and so does the interpreter's exit.
 
     The list of steps is read when the directory is first opened and then kept up to date by this object's own
     saves; open a new `Checkpointer` to see steps another process wrote since.
@@ -243,6 +287,7 @@ class Checkpointer:
         self._options = ocp.CheckpointManagerOptions(enable_async_checkpointing=async_save)
         self._manager: ocp.CheckpointManager | None = None
         self._in_flight: int | None = None
+        self._saved = False  # pruning follows this object's own saves only: opening to read deletes nothing
         if os.path.isdir(self.directory):
             self._open()
 
@@ -266,9 +311,7 @@ class Checkpointer:
 
         A step that already exists is an error; a step below the latest one needs `force=True`.
         """
-        step = int(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+        step = _step(step)
         metadata = {} if metadata is None else metadata
         if not isinstance(metadata, dict):
             raise TypeError(f"metadata must be a dict, got {type(metadata).__name__}")
@@ -319,16 +362,20 @@ class Checkpointer:
         self.wait()
         if not manager.save(step, args=ocp.args.Composite(**items), force=True):
             raise RuntimeError(f"orbax declined to save step {step} in {self.directory}")
+        self._saved = True
         if self._options.enable_async_checkpointing:
             self._in_flight = step
+            _SAVING.add(self)
         else:
             self._prune()
 
     def _prune(self) -> None:
-        """Delete all but the `max_to_keep` highest saved steps (none is being written when this runs)."""
-        if self.max_to_keep is not None and self._manager is not None:
+        """Delete all but the `max_to_keep` highest saved steps once this object has saved (none is being
+        written when this runs)."""
+        if self._saved and self.max_to_keep is not None and self._manager is not None:
             for step in sorted(self._manager.all_steps())[:-self.max_to_keep]:
                 self._manager.delete(step)
+            self._saved = False
 
     def wait(self) -> None:
         """Block until an asynchronous save is finished and durable."""
@@ -337,6 +384,7 @@ class Checkpointer:
                 self._manager.wait_until_finished()
             finally:  # finished or failed: no step is being written
                 self._in_flight = None
+                _SAVING.discard(self)
             self._prune()
 
     def latest_step(self) -> int | None:
@@ -356,17 +404,15 @@ class Checkpointer:
             self._in_flight = None
         return steps
 
-    def _record(self, step: int | None) -> tuple[int, list[int], dict]:
-        """`(step, all steps, our metadata record of step)`; `step` None is the latest."""
+    def _record(self, step: Any) -> tuple[int, list[int], dict]:
+        """`(step, all steps, our metadata record of step)`; `step` None is the latest, else checked by `_step`."""
         self.wait()
         steps = self.all_steps()
         if not steps:
             raise FileNotFoundError(f"no checkpoint found in {self.directory}")
-        if step is None:
-            step = steps[-1]
-        elif int(step) not in steps:
+        step = steps[-1] if step is None else _step(step)
+        if step not in steps:
             raise ValueError(f"step {step} not found in {self.directory}; available steps: {steps}")
-        step = int(step)
         manager = self._open()
         try:
             record = manager.restore(step, args=ocp.args.Composite(metadata=ocp.args.JsonRestore())).metadata
@@ -417,7 +463,7 @@ class Checkpointer:
         if saved_key is not None:
             shape = saved_key.get("data_shape", saved_key["shape"])
             dtype = np.dtype(np.uint32) if "prng_impl" in saved_key else np.dtype(saved_key["dtype"])
-            target = jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=_default_sharding())
+            target = jax.ShapeDtypeStruct(tuple(shape), dtype, sharding=_key_sharding(model_leaves))
             items["key"] = ocp.args.StandardRestore({"data": target})
         try:
             with _quiet_orbax_teardown():

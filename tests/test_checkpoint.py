@@ -5,6 +5,7 @@ Building a model runs (and compiles) its random initialiser, several seconds on 
 tiny Qwen3 per module and otherwise fill `eqx.filter_eval_shape` skeletons with NumPy values, which gives the
 exact pytree of a built model at no cost."""
 
+import inspect
 import os
 import signal
 import subprocess
@@ -505,6 +506,87 @@ def test_max_to_keep_with_async_saves(tmp_path, model):
         ckpt.wait()
         assert ckpt.all_steps() == [3, 4]
     assert sorted(os.listdir(tmp_path)) == ["3", "4"]
+
+
+def test_a_checkpointer_that_only_reads_deletes_nothing(tmp_path, model):
+    """Opening a directory to read (restore, has_opt_state, latest_step, close) with the default max_to_keep=3
+    deleted steps 1 and 2 of 5, the step asked for among them; only this object's own save prunes."""
+    with Checkpointer(tmp_path, max_to_keep=None) as ckpt:
+        for step in range(1, 6):
+            ckpt.save(step, model, metadata={"step": step})
+    with Checkpointer(tmp_path) as reader:
+        assert reader.restore(model, step=1).metadata == {"step": 1}
+        assert not reader.has_opt_state(2) and reader.latest_step() == 5
+    assert sorted(os.listdir(tmp_path), key=int) == ["1", "2", "3", "4", "5"]
+    with Checkpointer(tmp_path) as writer:
+        writer.save(6, model)
+    assert sorted(os.listdir(tmp_path), key=int) == ["4", "5", "6"]
+
+
+def test_steps_must_be_ints(tmp_path, model):
+    """A float step was truncated (2.7 saved as step 2, step=2.9 restored step 2); NumPy ints are steps. Called
+    as without the type-check hook, which refuses all but Python ints before our checks run."""
+    save, restore = inspect.unwrap(Checkpointer.save), inspect.unwrap(Checkpointer.restore)
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(TypeError, match="step must be an int, got 2.7"):
+            save(ckpt, 2.7, model)
+        save(ckpt, np.int64(2), model)
+        with pytest.raises(TypeError, match="step must be an int, got 2.9"):
+            restore(ckpt, model, step=2.9)
+        assert restore(ckpt, model, step=np.int32(2)).step == 2 and ckpt.all_steps() == [2]
+
+
+def test_restored_key_lands_beside_the_model(tmp_path, model):
+    """The key comes back replicated on the mesh of a sharded `like` model (it was committed to device 0, and a
+    sharded step that reads it refused the mix of devices), or on the device of a one-device one."""
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:2]), ("data",))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    on_mesh = jtu.tree_map(lambda x: jax.device_put(x, replicated) if eqx.is_array(x) else x, model)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, on_mesh, key=jax.random.key(5))
+        restored = ckpt.restore(on_mesh)
+        assert restored.key.sharding == replicated
+
+        @eqx.filter_jit
+        def noisy(model, key):
+            return model.transformer.norm.scale + jax.random.normal(key, ())
+
+        noisy(restored.model, restored.key)
+        device = jax.devices()[3]
+        elsewhere = jtu.tree_map(lambda x: jax.device_put(x, device) if eqx.is_array(x) else x, model)
+        assert ckpt.restore(elsewhere).key.devices() == {device}
+
+
+_EXIT_CHILD = textwrap.dedent(
+    """
+    import sys
+    from eqx_models.checkpoint import Checkpointer
+    from tests.test_checkpoint import step_one_state
+
+    model, opt_state, key, metadata = step_one_state()
+    Checkpointer(sys.argv[1], async_save=True).save(1, model, opt_state, key=key, metadata=metadata)
+    print("returning", flush=True)
+    """
+)
+
+
+@pytest.mark.slow
+def test_a_script_that_ends_during_an_async_save_finishes_it(tmp_path):
+    """A script that returned right after an asynchronous save lost the step (only its temporary folder was left,
+    with tracebacks from orbax's closed executors); the interpreter's exit now waits for the write."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    child = subprocess.run(
+        [sys.executable, "-c", _EXIT_CHILD, str(tmp_path)], capture_output=True, text=True, timeout=120, cwd=root,
+        env={**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")},
+    )
+    assert child.returncode == 0 and "returning" in child.stdout, child.stderr
+    assert "Traceback" not in child.stderr, child.stderr
+    assert sorted(os.listdir(tmp_path)) == ["1"]
+    model, opt_state, key, metadata = step_one_state()
+    restored = Checkpointer(tmp_path).restore(abstract_model(), jtu.tree_map(jnp.zeros_like, opt_state))
+    assert_bitwise_equal(restored.model, model)
+    assert_bitwise_equal(restored.opt_state, opt_state)
+    assert restored.metadata == metadata
 
 
 def test_corrupted_step_is_one_clear_error(tmp_path, model):
