@@ -657,6 +657,9 @@ def get_rope_index(
     videos = table(video_grid_thw, "video_grid_thw", np.int64, (-1, 3))
     seconds = table(second_per_grids, "second_per_grids", np.float32, (-1,))
     audio_lens = table(audio_seqlens, "audio_seqlens", np.int64, (-1,))
+    if seconds is not None and not (np.isfinite(seconds).all() and (seconds > 0).all()):
+        raise ValueError(f"second_per_grids (video_second_per_grid) must be positive and finite, got "
+                         f"{seconds.tolist()}")
     vision_start, audio_start = cfg.vision_start_token_id, cfg.audio_start_token_id
     image_token, video_token, audio_token = cfg.image_token_id, cfg.video_token_id, cfg.audio_token_id
     pps = np.float32(cfg.position_id_per_seconds)
@@ -767,6 +770,10 @@ def get_rope_index(
             )
         positions[row, mask[row]] = row_positions.T
         deltas[row, 0] = row_positions.max() + 1 - len(tokens) if len(tokens) else 0
+    for what, given, used in (("image_grid_thw", images, image_idx), ("video_grid_thw", videos, video_idx),
+                              ("audio_seqlens", audio_lens, audio_idx)):
+        if given is not None and used != len(given):
+            raise ValueError(f"{what} holds {len(given)} entries, but the input_ids have {used} such blocks")
     return positions, deltas
 
 
@@ -788,15 +795,27 @@ def _scatter_rows(
     return jnp.where(mask[..., None], gathered, base)
 
 
-def _check_count(input_ids: Int[Array, "batch seq"], token: int, features: int, what: str) -> None:
-    """Placeholder count vs feature rows, when the ids are concrete (not checked under jit)."""
+def _check_count(
+    input_ids: Int[Array, "batch seq"], token: int, rows: Sequence[int], what: str, in_order: bool = True
+) -> None:
+    """Placeholder tokens vs the feature rows of each image / video / clip, when the ids are concrete (not checked
+    under jit): in total and, `in_order`, each run of consecutive placeholders against its item's rows (features
+    fill the placeholders in order, so a block of the wrong length takes rows of the next item)."""
     if isinstance(input_ids, jax.core.Tracer):
         return
-    tokens = int(np.sum(np.asarray(input_ids) == token))
+    placeholders = np.asarray(input_ids) == token
+    tokens, features = int(placeholders.sum()), sum(rows)
     if tokens != features:
         raise ValueError(
             f"{what.capitalize()} features and {what} tokens do not match: {tokens} placeholder tokens (id "
             f"{token}) in input_ids, {features} feature rows from the encoder"
+        )
+    edges = np.diff(np.pad(placeholders.astype(np.int8), ((0, 0), (1, 1))), axis=1)
+    runs = (np.argwhere(edges == -1)[:, 1] - np.argwhere(edges == 1)[:, 1]).tolist()  # row-major, as rows fill
+    if in_order and runs != list(rows):
+        raise ValueError(
+            f"the {what} placeholder blocks in input_ids hold {runs} tokens (id {token}), but the {what}s given "
+            f"make {list(rows)} feature rows, in order"
         )
 
 
@@ -863,11 +882,12 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         return jax.lax.stop_gradient(x) if self.freeze_encoders else x
 
     def _vision_inputs(
-        self, input_ids: Int[Array, "batch seq"], *items: tuple[Array | None, GridTHW | None, int, str]
+        self, input_ids: Int[Array, "batch seq"], *items: tuple[Array | None, GridTHW | None, int, str, bool]
     ) -> list[tuple[Float[Array, "_ patch_dim"], tuple[tuple[int, int, int], ...], int]]:
-        """`(pixels, grid, placeholder token)` of each given `(pixels, grid, token, kind)`; counts checked."""
+        """`(pixels, grid, placeholder token)` of each given `(pixels, grid, token, kind, blocks in order)`;
+        counts checked."""
         given = []
-        for pixels, grid, token, kind in items:
+        for pixels, grid, token, kind, in_order in items:
             if pixels is None:
                 continue
             if grid is None:
@@ -875,7 +895,8 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
             if pixels.ndim != 2:
                 raise ValueError(f"{kind} pixels must be [patches, patch_dim], got shape {pixels.shape}")
             grid = self.visual.grid(grid, f"{kind}_grid_thw")
-            _check_count(input_ids, token, self.visual.num_tokens(grid), kind)
+            rows = [t * h * w // self.visual.config.spatial_merge_size**2 for t, h, w in grid]
+            _check_count(input_ids, token, rows, kind, in_order)
             given.append((pixels, grid, token))
         return given
 
@@ -884,8 +905,9 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         input_ids: Int[Array, "batch seq"],
         input_features: Float[Array, "audios mel frames"] | None,
         feature_attention_mask: HostInts | None,
+        in_order: bool,
     ) -> Bool[np.ndarray, "audios frames"] | None:
-        """The valid frames of each clip (host), placeholders counted."""
+        """The valid frames of each clip (host), placeholders counted (each block's too, `in_order`)."""
         if input_features is None:
             return None
         if input_features.ndim != 3:
@@ -900,8 +922,11 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
                 f"feature_attention_mask {valid.shape} must be (audios, frames) of input_features "
                 f"{input_features.shape} (audios, mel, frames)"
             )
-        tokens = sum(audio_output_lengths(tuple(int(n) for n in valid.sum(axis=1))))
-        _check_count(input_ids, self.config.audio_token_id, tokens, "audio")
+        empty = np.flatnonzero(~valid.any(axis=1)).tolist()
+        if empty:
+            raise ValueError(f"feature_attention_mask rows {empty} mark no valid frame: every clip needs one")
+        rows = audio_output_lengths(tuple(int(n) for n in valid.sum(axis=1)))
+        _check_count(input_ids, self.config.audio_token_id, rows, "audio", in_order)
         return valid
 
     def _merge_audio(
@@ -948,15 +973,17 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         video_grid_thw: GridTHW | None,
         input_features: Float[Array, "audios mel frames"] | None,
         feature_attention_mask: HostInts | None,
+        use_audio_in_video: bool,
     ) -> tuple[Float[Array, "batch seq embed"], Float[Array, "levels batch seq embed"] | None,
                Bool[np.ndarray, "audios frames"] | None]:
         """Token embeddings with the encoders' features at their placeholders, the DeepStack residuals, and the
         valid frames of each audio clip (host). Inputs and placeholder counts are checked before any encoder
-        runs."""
+        runs (block by block, except for the video and audio tokens that `use_audio_in_video` interleaves)."""
         cfg = self.config
-        vision = self._vision_inputs(input_ids, (pixel_values, image_grid_thw, cfg.image_token_id, "image"),
-                                     (pixel_values_videos, video_grid_thw, cfg.video_token_id, "video"))
-        audio_valid = self._audio_inputs(input_ids, input_features, feature_attention_mask)
+        separate = not use_audio_in_video
+        vision = self._vision_inputs(input_ids, (pixel_values, image_grid_thw, cfg.image_token_id, "image", True),
+                                     (pixel_values_videos, video_grid_thw, cfg.video_token_id, "video", separate))
+        audio_valid = self._audio_inputs(input_ids, input_features, feature_attention_mask, separate)
         embeds = self.transformer.embed(input_ids)
         if audio_valid is not None:
             embeds = self._merge_audio(input_ids, embeds, input_features, audio_valid)
@@ -995,7 +1022,8 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
         if attention_mask is not None and segment_ids is not None:
             raise ValueError("give attention_mask (HF: 1 = token, 0 = padding) or segment_ids (packing), not both")
         embeds, deepstack, audio_valid = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
-                                                     video_grid_thw, input_features, feature_attention_mask)
+                                                     video_grid_thw, input_features, feature_attention_mask,
+                                                     use_audio_in_video)
         if position_ids is None:
             if image_grid_thw is None and video_grid_thw is None:
                 # HF's text / audio-only branch: cumsum(mask) - 1, padding at 1 (jittable)
@@ -1087,7 +1115,8 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
             attention_mask, "attention_mask") != 0
         input_ids = jnp.where(real, input_ids, 0)  # padded slots may hold any id, as `generate` promises
         embeds, deepstack, audio_valid = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos,
-                                                     video_grid_thw, input_features, feature_attention_mask)
+                                                     video_grid_thw, input_features, feature_attention_mask,
+                                                     use_audio_in_video)
         positions, _ = get_rope_index(
             self.config, input_ids, image_grid_thw, video_grid_thw, real.astype(np.int64), use_audio_in_video,
             None if audio_valid is None else audio_valid.sum(axis=1), video_second_per_grid,

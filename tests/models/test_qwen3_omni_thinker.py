@@ -523,9 +523,42 @@ def test_bad_inputs_raise(models):
     # ranks, past the shape checker (without it these were an IndexError and a TypeError from concatenate)
     audio_inputs, vision_inputs = (inspect.unwrap(getattr(type(ours), n)) for n in ("_audio_inputs", "_vision_inputs"))
     with pytest.raises(ValueError, match=r"input_features must be \[audios, mel, frames\], got shape \(16, 130\)"):
-        audio_inputs(ours, ids, features[0], inputs["feature_attention_mask"])
+        audio_inputs(ours, ids, features[0], inputs["feature_attention_mask"], True)
     with pytest.raises(ValueError, match=r"video pixels must be \[patches, patch_dim\], got shape \(1, 40, 96\)"):
-        vision_inputs(ours, ids, (pixels[None], inputs["image_grid_thw"], ours.config.video_token_id, "video"))
+        vision_inputs(ours, ids, (pixels[None], inputs["image_grid_thw"], ours.config.video_token_id, "video", True))
+
+
+def test_placeholder_blocks_must_match_their_items_in_order(models):
+    """Totals that agree hid blocks that do not: features fill placeholders in order, so a block of the wrong
+    length took rows of the next image or clip (HF does the same, silently). Each block is now checked against its
+    image / clip, grids or clips left over are named, and so are a clip with no valid frame and video seconds that
+    are not positive and finite (NaN made every logit NaN)."""
+    _, ours = models
+    rng = np.random.default_rng(0)
+    # three grids (4 + 1 + 1 tokens) against two image blocks of 4 and 2 tokens
+    ids = jnp.asarray([_row(rng, [("text", 2), ("image", 4), ("text", 1), ("image", 2), ("text", 1)])])
+    grids = [(1, 4, 4), (1, 2, 2), (1, 2, 2)]
+    pixels = jnp.asarray(rng.standard_normal((24, PATCH_DIM)), jnp.float32)
+    with pytest.raises(ValueError, match=r"image placeholder blocks in input_ids hold \[4, 2\] tokens \(id 251\), "
+                                         r"but the images given make \[4, 1, 1\] feature rows"):
+        ours(ids, pixel_values=pixels, image_grid_thw=grids)
+    with pytest.raises(ValueError, match="image_grid_thw holds 3 entries, but the input_ids have 2 such blocks"):
+        get_rope_index(ours.config, ids, grids)
+    # clips of 37 and 130 frames (5 and 17 tokens) with their blocks the other way round
+    ids = jnp.asarray([_row(rng, [("text", 1), ("audio", 17), ("text", 1), ("audio", 5), ("text", 1)])])
+    features = jnp.asarray(rng.standard_normal((2, MEL, 130)), jnp.float32)
+    frames = np.zeros((2, 130), np.int64)
+    frames[0, :37] = frames[1] = 1
+    with pytest.raises(ValueError, match=r"audio placeholder blocks in input_ids hold \[17, 5\] tokens.*\[5, 17\]"):
+        ours(ids, input_features=features, feature_attention_mask=frames)
+    ours(ids, input_features=features[::-1], feature_attention_mask=frames[::-1])  # the clips in block order
+    frames[0] = 0
+    with pytest.raises(ValueError, match=r"feature_attention_mask rows \[0\] mark no valid frame"):
+        ours(ids, input_features=features, feature_attention_mask=frames)
+    ids = np.asarray([_row(rng, [("text", 1), ("video", 8), ("text", 1)])])
+    for seconds in (np.nan, np.inf, 0.0, -1.0):
+        with pytest.raises(ValueError, match="second_per_grids \\(video_second_per_grid\\) must be positive"):
+            get_rope_index(ours.config, ids, None, [(2, 4, 4)], second_per_grids=[seconds])
 
 
 def test_freeze_encoders_stops_encoder_gradients(models):
