@@ -43,11 +43,14 @@ def main(argv: list[str] | None = None) -> None:
         k = jax.random.fold_in(key, i + 1)
         return jax.random.randint(k, (batch, seq), 0, cfg.vocab_size, jnp.int32), k
 
-    seconds, _ = common.time_runs(run, make_inputs, warmup=args.warmup, iters=args.iters)
+    seconds, error = common.time_or_error(run, make_inputs, warmup=args.warmup, iters=args.iters)
     env = common.jax_environment()
     config = {"model": "tiny" if args.small else "Qwen3-0.6B", "layers": cfg.num_hidden_layers,
               "hidden": cfg.hidden_size, "batch": batch, "seq": seq, "dtype": args.dtype,
               "param_dtype": args.param_dtype, "remat": args.remat, "optimizer": "AdamW"}
+    if error is not None:  # out of device memory, as remat "none" at 8 x 2048 is expected to be on an H100
+        common.emit("train_step", "step_time", None, "ms", config, env, args, error=error)
+        return
     tokens_per_s = batch * seq / seconds
     flops = common.train_flops_per_token(cfg, seq)
     peak = common.peak_flops(env["device"])
