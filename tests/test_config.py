@@ -377,6 +377,14 @@ def test_replace_rederives_default_layer_types():
         given.replace(num_hidden_layers=3)
 
 
+@pytest.mark.parametrize("window_layers", [0, 1, 2, 3])
+def test_default_layer_types_match_transformers(window_layers):
+    """Without `layer_types`, the layers from `max_window_layers` on slide, as transformers' Qwen3Config derives
+    them (the parity tests read the types transformers wrote, so they do not check our derivation)."""
+    kw = dict(num_hidden_layers=3, use_sliding_window=True, sliding_window=4, max_window_layers=window_layers)
+    assert em.Qwen3Config(**kw).layer_types == tuple(transformers.Qwen3Config(**kw).layer_types)
+
+
 # our text config classes beside transformers' for the same model_type
 WITH_HF = pytest.mark.parametrize("ours, theirs", [
     (em.Qwen3Config, transformers.Qwen3Config), (em.Qwen3MoeConfig, transformers.Qwen3MoeConfig),

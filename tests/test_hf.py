@@ -29,7 +29,7 @@ VOCAB = 96
 def _cfg(moe: bool, **kw):
     base = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, head_dim=12, max_position_embeddings=64,
-                rope_theta=10_000.0, tie_word_embeddings=False)
+                rope_theta=20_000.0, rms_norm_eps=1e-4, tie_word_embeddings=False)
     if moe:
         base.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16, norm_topk_prob=True)
         return em.Qwen3MoeConfig(**{**base, **kw})

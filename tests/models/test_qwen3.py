@@ -24,8 +24,8 @@ from tests.reference import assert_close, max_rel_err, numpy_cross_entropy, nump
 VOCAB = 128
 HF_DENSE = dict(
     vocab_size=VOCAB, hidden_size=48, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-    num_key_value_heads=2, head_dim=24, rms_norm_eps=1e-6, max_position_embeddings=128, initializer_range=0.1,
-    rope_parameters={"rope_type": "default", "rope_theta": 10_000.0}, tie_word_embeddings=False,
+    num_key_value_heads=2, head_dim=24, rms_norm_eps=1e-4, max_position_embeddings=128, initializer_range=0.1,
+    rope_parameters={"rope_type": "default", "rope_theta": 20_000.0}, tie_word_embeddings=False,
     attn_implementation="eager",
 )
 HF_MOE = dict(
@@ -50,15 +50,16 @@ CASES = [
           layer_types=["sliding_attention", "full_attention", "sliding_attention"]), (3, 1)),
     ("moe-sliding-every-layer", True, dict(use_sliding_window=True, sliding_window=4), (1, 3)),
     ("dense-yarn-attention-factor", False,
-     dict(rope_parameters={"rope_type": "yarn", "rope_theta": 10_000.0, "factor": 4.0,
-                           "original_max_position_embeddings": 32, "attention_factor": 0.7}), (1, 3)),
+     dict(rope_parameters={"rope_type": "yarn", "rope_theta": 20_000.0, "factor": 4.0,
+                           "original_max_position_embeddings": 32, "attention_factor": 0.7, "truncate": False}),
+     (1, 3)),
     ("dense-yarn-null-factor-and-betas", False,
      dict(max_position_embeddings=128, rope_parameters={
-         "rope_type": "yarn", "rope_theta": 10_000.0, "factor": None, "original_max_position_embeddings": 32,
+         "rope_type": "yarn", "rope_theta": 20_000.0, "factor": None, "original_max_position_embeddings": 32,
          "beta_fast": None, "beta_slow": 0}), (1, 3)),
     ("dense-attention-bias", False, dict(attention_bias=True), (1, 3)),
     ("moe-llama3-rope", True,
-     dict(rope_parameters={"rope_type": "llama3", "rope_theta": 10_000.0, "factor": 8.0, "low_freq_factor": 1.0,
+     dict(rope_parameters={"rope_type": "llama3", "rope_theta": 20_000.0, "factor": 8.0, "low_freq_factor": 1.0,
                            "high_freq_factor": 4.0, "original_max_position_embeddings": 32}), (1, 3)),
 ]
 ROUND_TRIP = ("dense-sliding-layer-types", "moe-sliding-every-layer", "dense-yarn-attention-factor",

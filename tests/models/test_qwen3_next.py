@@ -31,7 +31,7 @@ HF_NEXT = dict(
     linear_num_value_heads=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=6,
     num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
     max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False,
-    rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
+    rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.5},
     attn_implementation="eager", experts_implementation="eager",
 )
 
@@ -332,7 +332,7 @@ def test_model_from_config_runs_with_every_gated_delta_impl():
 
 def test_config_round_trip_and_errors():
     cfg = em.Qwen3NextConfig.from_hf_dict(HF_NEXT)
-    assert cfg.partial_rotary_factor == 0.25 and cfg.layer_types[3] == "full_attention"
+    assert cfg.partial_rotary_factor == 0.5 and cfg.layer_types[3] == "full_attention"
     assert em.Qwen3NextConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
     assert em.Qwen3NextConfig(num_hidden_layers=8).layer_types == ("linear_attention",) * 3 + ("full_attention",) + (
         "linear_attention",) * 3 + ("full_attention",)
