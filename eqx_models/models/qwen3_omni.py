@@ -895,8 +895,7 @@ class Qwen3OmniThinkerForConditionalGeneration(eqx.Module):
             if pixels.ndim != 2:
                 raise ValueError(f"{kind} pixels must be [patches, patch_dim], got shape {pixels.shape}")
             grid = self.visual.grid(grid, f"{kind}_grid_thw")
-            rows = [t * h * w // self.visual.config.spatial_merge_size**2 for t, h, w in grid]
-            _check_count(input_ids, token, rows, kind, in_order)
+            _check_count(input_ids, token, [self.visual.num_tokens([g]) for g in grid], kind, in_order)
             given.append((pixels, grid, token))
         return given
 
