@@ -11,6 +11,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray
 
@@ -215,6 +216,19 @@ def make_optimizer(
     return adamw if max_grad_norm is None else optax.chain(optax.clip_by_global_norm(max_grad_norm), adamw)
 
 
+def _placement(leaf: Any) -> NamedSharding | None:
+    """Where a sharded step returns `leaf`: where it came from. Left to XLA, some leaves (norm scales, their
+    moments) came back split over fsdp, and the next call compiled the step again. The spec is written as jit
+    writes its outputs' (no trailing None), as the placements are part of the step's compilation key."""
+    sharding = getattr(leaf, "sharding", None)
+    if not isinstance(sharding, NamedSharding):
+        return None
+    spec = tuple(sharding.spec)
+    while spec and spec[-1] is None:
+        spec = spec[:-1]
+    return NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec))
+
+
 def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
@@ -236,7 +250,8 @@ def make_train_step(
     A custom `loss_fn` must then return such shares, as `lm_loss` does.
 
     A model's `frozen_parts` (the Omni thinker's encoders with `freeze_encoders`) are left exactly as they are:
-    their updates are zeroed, as AdamW's weight decay would otherwise shrink them."""
+    their updates are zeroed, as AdamW's weight decay would otherwise shrink them. A sharded model and optimizer
+    state come back placed as they went in, so later steps reuse the first one's compilation."""
     if not is_a(grad_accum_steps, int) or grad_accum_steps < 1:
         raise ValueError(f"grad_accum_steps must be an int >= 1, got {grad_accum_steps!r}")
     grad_accum_steps = int(grad_accum_steps)
@@ -252,7 +267,7 @@ def make_train_step(
         return grads, metrics
 
     @eqx.filter_jit(donate="all-except-first")
-    def step(batch, model, opt_state, key):
+    def step(batch, model, opt_state, key, placement):
         if grad_accum_steps == 1:
             grads, metrics = grads_of(model, batch, key)
         else:
@@ -281,6 +296,9 @@ def make_train_step(
             updates = eqx.tree_at(model.frozen_parts, updates, replace_fn=lambda p: jax.tree.map(jnp.zeros_like, p))
         model = eqx.apply_updates(model, updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
+        model, opt_state = jax.tree.map(lambda sharding, x: x if sharding is None else
+                                        jax.lax.with_sharding_constraint(x, sharding),
+                                        placement, (model, opt_state), is_leaf=lambda x: x is None)
         return model, opt_state, metrics
 
     def train_step(model, opt_state, batch: Batch, key: PRNGKeyArray | None):
@@ -290,6 +308,7 @@ def make_train_step(
             check_token_ids(ids, embed.num_embeddings)
         if segments is not None and _ready(segments):
             check_segment_ids(segments)
-        return step(batch, model, opt_state, key)
+        placement = jax.tree.map(_placement, (model, opt_state))
+        return step(batch, model, opt_state, key, placement)
 
     return train_step

@@ -249,6 +249,29 @@ def test_sharded_training_step(case, models, references):
         assert leaf.sharding.is_equivalent_to(before, leaf.ndim), f"{path}: {before} -> {leaf.sharding}"
 
 
+def test_sharded_step_without_sharded_loss_compiles_once():
+    """A sharded model trained with the plain loss (no `sharded_loss`): XLA returned some leaves placed
+    differently (norm scales and their Adam moments split over fsdp), so the second step compiled the whole step
+    again; the step now returns every leaf as it came, and three steps trace the loss once."""
+    mesh = partitioning.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    model = partitioning.shard(_random_model("dense", seed=2), mesh)
+    optimizer = _standard_promotion(optax.adamw(1e-3))
+    opt_state = partitioning.shard(optimizer.init(eqx.filter(model, eqx.is_inexact_array)), mesh, params=model)
+    shardings = [(p, leaf.sharding) for p, leaf in _leaves((model, opt_state))]
+    traces = []
+
+    def loss(model, batch, **kwargs):
+        traces.append(1)
+        return lm_loss(model, batch, **kwargs)
+
+    step = make_train_step(optimizer, loss_fn=loss)
+    for i in range(3):
+        model, opt_state, _ = step(model, opt_state, partitioning.shard_batch(_batch(), mesh), jax.random.key(i))
+    assert len(traces) == 1
+    for (path, before), (_, leaf) in zip(shardings, _leaves((model, opt_state)), strict=True):
+        assert leaf.sharding.is_equivalent_to(before, leaf.ndim), f"{path}: {before} -> {leaf.sharding}"
+
+
 @pytest.mark.slow
 def test_adafactor_state_placed_with_params():
     """Adafactor's factored moments (the squared gradient's row and column means) are shaped unlike their
