@@ -31,7 +31,7 @@ HF_NEXT = dict(
     linear_num_value_heads=4, moe_intermediate_size=16, shared_expert_intermediate_size=24, num_experts=6,
     num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], rms_norm_eps=1e-6,
     max_position_embeddings=256, initializer_range=0.1, tie_word_embeddings=False,
-    rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.5},
+    rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.25},
     attn_implementation="eager", experts_implementation="eager",
 )
 
@@ -40,7 +40,8 @@ CASES = [
     ("pattern-lll-f-ratio2", dict(), (4, 1)),
     ("pattern-lf-ratio1-dense-layers-gelu", dict(
         num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2, linear_num_value_heads=2,
-        mlp_only_layers=[1, 3], hidden_act="gelu"), (2, 2)),
+        mlp_only_layers=[1, 3], hidden_act="gelu",  # a rotary fraction other than the default 0.25
+        rope_parameters={"rope_type": "default", "rope_theta": 10_000_000.0, "partial_rotary_factor": 0.5}), (2, 2)),
     ("pattern-llf-x2-ratio2-sparse2-tied", dict(
         num_hidden_layers=6, layer_types=["linear_attention", "linear_attention", "full_attention"] * 2,
         decoder_sparse_step=3, tie_word_embeddings=True, norm_topk_prob=False, num_key_value_heads=4), (3, 2)),
@@ -332,7 +333,7 @@ def test_model_from_config_runs_with_every_gated_delta_impl():
 
 def test_config_round_trip_and_errors():
     cfg = em.Qwen3NextConfig.from_hf_dict(HF_NEXT)
-    assert cfg.partial_rotary_factor == 0.5 and cfg.layer_types[3] == "full_attention"
+    assert cfg.partial_rotary_factor == 0.25 and cfg.layer_types[3] == "full_attention"
     assert em.Qwen3NextConfig.from_hf_dict(cfg.to_hf_dict()) == cfg
     assert em.Qwen3NextConfig(num_hidden_layers=8).layer_types == ("linear_attention",) * 3 + ("full_attention",) + (
         "linear_attention",) * 3 + ("full_attention",)
