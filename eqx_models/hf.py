@@ -636,15 +636,17 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, 
     if rules is not None and mesh is None:
         raise ValueError("from_pretrained(rules=...) places parameters on a mesh: pass mesh= too")
     skeleton = eqx.filter_eval_shape(model_cls, cfg, key=jax.random.key(0))
+    if mesh is not None:
+        skeleton = partitioning.shard(skeleton, mesh, rules)
     mtp = None
     if skeleton.transformer.mtp is not None:
         if key is None:
             raise ValueError("from_pretrained(mtp_num_layers=...): HF checkpoints hold no multi-token-prediction "
                              "head; pass key= to initialise it")
         mtp = eqx.filter_jit(lambda k: model_cls(cfg, key=k).transformer.mtp)(key)  # the rest is never computed
+        if mesh is not None:  # placed as the sharded skeleton says, as every loaded leaf is
+            mtp = jax.tree.map(lambda x, leaf: jax.device_put(x, leaf.sharding), mtp, skeleton.transformer.mtp)
         skeleton = eqx.tree_at(lambda m: m.transformer.mtp, skeleton, None)
-    if mesh is not None:
-        skeleton = partitioning.shard(skeleton, mesh, rules)
     tensor_rules = rules_fn(cfg, _leaf_paths(skeleton))
     # a sub-model of a larger checkpoint (the thinker under `thinker.` in a full Qwen3-Omni one): read its
     # tensors under the prefix and ignore the others (talker, code2wav), as transformers does
@@ -672,8 +674,7 @@ def from_pretrained(path: str | os.PathLike, dtype: DTypeLike | None = None, *, 
                        ignore=lambda name: not name.startswith(prefix) or name.startswith(ignored))
     if mtp is None:
         return model
-    model = eqx.tree_at(lambda m: m.transformer.mtp, model, mtp, is_leaf=lambda x: x is None)
-    return model if mesh is None else partitioning.shard(model, mesh, rules)
+    return eqx.tree_at(lambda m: m.transformer.mtp, model, mtp, is_leaf=lambda x: x is None)
 
 
 def save_pretrained(model: eqx.Module, out_dir: str | os.PathLike, *, max_shard_bytes: int = 5 * 2**30) -> None:
